@@ -1,0 +1,1 @@
+"""vlcache: KV-cache compression for vision-language models."""

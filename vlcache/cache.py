@@ -1,0 +1,168 @@
+"""The compressed KV cache: a transformers `Cache` whose layers keep different numbers of entries per KV head
+and per sequence, and report the logical length (tokens seen) apart from the physical entries.
+
+Each layer stores `keys`/`values` as `[B, H_kv, capacity, D]`; entries `[0, length[b, h])` of each row are valid
+and the rest is spare room. `positions[b, h, i]` is the original index (in the padded prompt, then counting
+on through generated tokens) of entry `i`, so nothing is ever re-indexed: RoPE was applied at the original
+position, and decoding continues from the original prompt length.
+
+After `keep`, the storage is re-allocated at the largest kept count of the layer, so a smaller budget frees
+real memory; spare room for generated tokens is added in chunks (`grow`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+GROW_CHUNK = 64
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's entries. `compressed` turns true once a policy has chosen what to keep."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length: torch.Tensor | None = None  # [B, H] valid entries per row
+        self.positions: torch.Tensor | None = None  # [B, H, capacity] original index of each entry
+        self.seen = 0  # logical tokens seen (padded prompt + generated), what positions count from
+        self.compressed = False
+        self.reserved = False  # `reserve` was called: appends neither reallocate nor read lengths back
+        self.seen_device: torch.Tensor | None = None  # `seen` on the device while reserved (graph replays)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    # -- what transformers calls -------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Stores new entries at each row's end and returns the whole buffers (attention masks by `length`)."""
+        b, h, n, _ = key_states.shape
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            self.length = torch.full((b, h), n, dtype=torch.long, device=key_states.device)
+            self.positions = torch.arange(n, device=key_states.device).expand(b, h, n).clone()
+            self.seen = n
+            return self.keys, self.values
+        if self.reserved:  # no host read-back: CUDA-graph safe (appending past the capacity is an error)
+            seen = self.seen_device
+        else:
+            if int(self.length.max()) + n > self.capacity:
+                self.grow(max(n, GROW_CHUNK))
+            seen = self.seen
+        slot = self.length[..., None] + torch.arange(n, device=self.device)  # [B, H, n]
+        d_slot = slot[..., None].expand(-1, -1, -1, key_states.shape[-1])
+        self.keys.scatter_(2, d_slot, key_states)
+        self.values.scatter_(2, d_slot, value_states)
+        self.positions.scatter_(2, slot, (seen + torch.arange(n, device=self.device)).expand(b, h, n))
+        self.length += n
+        if self.reserved:
+            self.seen_device += n
+        self.seen += n
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.capacity, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # -- what policies call ------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def valid_mask(self) -> torch.Tensor:
+        """`[B, H, capacity]` bool: which physical entries hold data."""
+        return torch.arange(self.capacity, device=self.device) < self.length[..., None]
+
+    def grow(self, extra: int) -> None:
+        b, h, cap, d = self.keys.shape
+        pad = lambda t, *tail: torch.cat([t, t.new_zeros(b, h, extra, *tail)], dim=2)  # noqa: E731
+        self.keys, self.values = pad(self.keys, d), pad(self.values, d)
+        self.positions = torch.cat([self.positions, self.positions.new_full((b, h, extra), -1)], dim=2)
+
+    def reserve(self, capacity: int) -> None:
+        """Sizes the storage once to `capacity` entries per row (the fast decode path: max kept + new tokens).
+
+        From then on `update` appends in place without reallocating or reading `length` back to the host, so a
+        decode step can be captured in a CUDA graph; `seen_device` counts tokens on the device (a replayed
+        graph does not run the Python `seen += n`: call `sync_seen` after replays).
+        """
+        if capacity > self.capacity:
+            self.grow(capacity - self.capacity)
+        self.reserved = True
+        self.seen_device = torch.tensor(self.seen, dtype=torch.long, device=self.device)
+
+    def sync_seen(self) -> None:
+        """Copies the device token count back to `seen` (after graph replays)."""
+        if self.seen_device is not None:
+            self.seen = int(self.seen_device)
+
+    def keep(
+        self,
+        index: torch.Tensor,
+        count: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> None:
+        """Keeps entries `index[b, h, :count[b, h]]` (in that order) and frees the rest.
+
+        `keys`/`values` (`[B, H, K, D]`, aligned with `index`) replace the gathered entries when a merging
+        reducer changed them. The new capacity is `K = index.shape[-1]`, the largest count of the layer.
+        """
+        d = self.keys.shape[-1]
+        gidx = index[..., None].expand(-1, -1, -1, d)
+        new_keys = keys if keys is not None else self.keys.gather(2, gidx)
+        new_values = values if values is not None else self.values.gather(2, gidx)
+        valid = torch.arange(index.shape[-1], device=self.device) < count[..., None]
+        self.positions = torch.where(valid, self.positions.gather(2, index), -1)
+        # zeroing the unused tail keeps the buffers deterministic (they are masked anyway)
+        self.keys = torch.where(valid[..., None], new_keys, 0).to(self.dtype).contiguous()
+        self.values = torch.where(valid[..., None], new_values, 0).to(self.dtype).contiguous()
+        self.length = count.to(torch.long).clone()
+        self.compressed = True
+
+    def remove(self, index: torch.Tensor, active: torch.Tensor) -> None:
+        """Deletes entry `index[b, h]` from every row where `active[b, h]`, shifting later entries left."""
+        cap = self.capacity
+        j = torch.arange(cap, device=self.device).expand(*index.shape, cap)
+        src = torch.where(active[..., None] & (j >= index[..., None]), (j + 1).clamp(max=cap - 1), j)
+        self.keys = self.keys.gather(2, src[..., None].expand_as(self.keys))
+        self.values = self.values.gather(2, src[..., None].expand_as(self.values))
+        self.positions = self.positions.gather(2, src)
+        self.length = self.length - active.long()
+
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (the physical storage, spare room included)."""
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+    def kept_bytes(self) -> int:
+        """Bytes of the valid entries only."""
+        if self.keys is None:
+            return 0
+        return 2 * int(self.length.sum()) * self.keys.shape[-1] * self.keys.element_size()
+
+
+class CompressedCache(Cache):
+    """A cache of `CompressedLayer`s, one per decoder layer of the language model."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kept_bytes(self) -> int:
+        return sum(layer.kept_bytes() for layer in self.layers)
+
+    def kept_counts(self) -> torch.Tensor:
+        """`[L, B, H]` valid entries per layer, sequence and KV head."""
+        return torch.stack([layer.length for layer in self.layers])

@@ -1,0 +1,180 @@
+"""One job = one (model, dataset, policy, budget): validate, skip if done, evaluate through lmms-eval, record."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vlcache import results
+from vlcache.eval.tasks import check_dataset, task_manager
+from vlcache.models.load import check_model, load_model, resolve_device
+from vlcache.policies.policy import build_policy
+
+log = logging.getLogger(__name__)
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "policy": cfg.policy.name,
+        "budget": cfg.budget,
+        "seed": cfg.seed,
+    }
+
+
+def validate(cfg: DictConfig) -> None:
+    """Everything that can be checked before a model loads (policies.md §1, issue: bad input)."""
+    budget = cfg.budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:
+        raise ValueError(f"budget must be a number in (0, 1] (the fraction of prompt KV entries kept), got {budget!r}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    resolve_device(cfg.device)
+    build_policy(OmegaConf.to_container(cfg.policy, resolve=True), float(budget))
+    check_model(OmegaConf.to_container(cfg.model, resolve=True))
+    check_dataset(OmegaConf.to_container(cfg.dataset, resolve=True))
+
+
+def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
+    """Runs the job unless `job_dir` already holds a finished result; returns its metrics."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    if results.is_finished(job_dir) and not cfg.force:
+        log.info("skipping %s: already finished", job_dir)
+        return {**results.read_metrics(job_dir), "skipped": True}
+    validate(cfg)
+    results.write_config(job_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    mirror = None
+    if cfg.logger.name == "wandb":
+        mirror = results.WandbMirror(
+            OmegaConf.to_container(cfg.logger, resolve=True), job_dir, OmegaConf.to_container(cfg, resolve=True),
+            group=job_dir.parent.name, name=job_dir.name,
+        )
+    try:
+        metrics = evaluate(cfg, job_dir)
+    except BaseException:
+        if mirror is not None:
+            mirror.finish(failed=True)
+        raise
+    if mirror is not None:
+        mirror.log(metrics, results.read_samples(job_dir))
+        mirror.finish()
+    return metrics
+
+
+def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
+    from lmms_eval.evaluator import simple_evaluate
+
+    from vlcache.eval.lmms_model import VLCacheLMM
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1" if cfg.dataset.source == "embedded" else "0")
+    started = time.time()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    adapter = load_model(OmegaConf.to_container(cfg.model, resolve=True), device, cfg.seed)
+    policy = build_policy(OmegaConf.to_container(cfg.policy, resolve=True), float(cfg.budget))
+    lm = VLCacheLMM(adapter, policy, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    limit = cfg.limit if cfg.limit is not None else dataset.get("limit")
+    out = simple_evaluate(
+        model=lm,
+        tasks=[dataset["task"]],
+        task_manager=task_manager(dataset),
+        limit=limit,
+        batch_size=cfg.batch_size,
+        log_samples=True,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        verbosity="WARNING",
+    )
+    task = dataset["task"]
+    scores = {k.split(",")[0]: v for k, v in out["results"][task].items() if "_stderr" not in k and k != "alias"}
+    samples = [_sample_row(s, lm.samples.get((task, s["doc_id"])), lm.failures.get((task, s["doc_id"])))
+               for s in out["samples"][task]]
+    results.write_samples(job_dir, samples)
+    metrics = {
+        **identity(cfg),
+        "status": "ok",
+        "metrics": scores,
+        "accuracy": scores.get(dataset["metric"]),
+        "metric": dataset["metric"],
+        **_engine_metrics(lm, time.time() - started),
+        "n_failed_samples": len(lm.failures),
+        "failed_samples": [{"doc_id": k[1], "error": v} for k, v in lm.failures.items()],
+        "device": _device_name(device),
+        "versions": {p: version(p) for p in ("torch", "transformers", "lmms_eval", "vlcache")},
+        "python": platform.python_version(),
+    }
+    results.write_metrics(job_dir, metrics)
+    return metrics
+
+
+def _sample_row(sample: dict, record, error: str | None) -> dict[str, Any]:
+    resp = sample.get("filtered_resps") or sample.get("resps") or [""]
+    while isinstance(resp, list) and resp:
+        resp = resp[0]
+    row = {
+        "id": sample.get("doc", {}).get("id", sample["doc_id"]) if isinstance(sample.get("doc"), dict) else None,
+        "doc_id": sample["doc_id"],
+        "answer": resp,
+        "reference": sample.get("target"),
+    }
+    metric_keys = [k for k in sample if k not in ("doc", "doc_id", "target", "arguments", "resps",
+                                                  "filtered_resps", "doc_hash", "prompt_hash", "target_hash",
+                                                  "filter", "metrics", "input", "token_counts")]
+    row["scores"] = {k: sample[k] for k in metric_keys}
+    if record is not None:
+        row.update(vars(record))
+    row["error"] = error
+    return row
+
+
+def _engine_metrics(lm, wall_s: float) -> dict[str, Any]:
+    """Aggregates the engine's per-batch numbers: means per batch for times, sums for bytes."""
+    outs = [b.output for b in lm.batches]
+    n = sum(b.size for b in lm.batches)
+    if not outs:
+        return {"n_samples": 0, "wall_s": wall_s}
+    gen_tokens = sum(sum(len(t) for t in o.tokens) for o in outs)
+    total_ms = sum(o.e2e_ms for o in outs)
+    kept = sum(float(o.report.keep_counts.sum()) for o in outs)
+    full = sum(float(o.report.prompt_lengths.sum()) * o.report.keep_counts.shape[0] * o.report.keep_counts.shape[2]
+               for o in outs)
+    layer_kept = sum(o.report.keep_counts.double().sum((1, 2)) for o in outs)
+    layer_full = sum(float(o.report.prompt_lengths.sum()) * o.report.keep_counts.shape[2] for o in outs)
+    sparsity = [o.report.sparsity for o in outs if o.report.sparsity is not None]
+    peaks = [o.peak_gpu_bytes for o in outs if o.peak_gpu_bytes is not None]
+    return {
+        "n_samples": n,
+        "realised_budget": kept / full,
+        "layer_budgets": (layer_kept / layer_full).tolist(),
+        "layer_sparsity": torch.cat(sparsity, 1).mean(1).tolist() if sparsity else None,
+        "clamped": sum(o.report.clamped for o in outs),
+        "prefill_ms": sum(o.prefill_ms for o in outs) / len(outs),
+        "compress_ms": sum(o.compress_ms for o in outs) / len(outs),
+        "decode_ms_per_token": sum(o.decode_ms for o in outs) / max(sum(o.new_tokens - 1 for o in outs), 1),
+        "e2e_ms": total_ms / len(outs),
+        "tokens_per_s": gen_tokens / (total_ms / 1e3) if total_ms else None,
+        "samples_per_s": n / (total_ms / 1e3) if total_ms else None,
+        "kv_bytes_full": sum(o.kv_bytes_full for o in outs),
+        "kv_bytes_kept": sum(o.kv_bytes_kept for o in outs),
+        "kv_bytes_allocated": sum(o.kv_bytes_allocated for o in outs),
+        "peak_gpu_bytes": max(peaks) if peaks else None,
+        "batches": len(outs),
+        "wall_s": wall_s,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

@@ -1,0 +1,162 @@
+"""The lmms-eval model wrapper: answers lmms-eval's generation requests with vlcache's engine.
+
+lmms-eval 0.7.3 looks `--model` names up in its own registry, so vlcache passes an instance of this class to
+`simple_evaluate` (ecosystem.md). `clean()` is overridden: lmms-eval calls it after every evaluation and the
+default deletes the model, which a sweep reuses across jobs in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+
+from vlcache.engine.generate import GenerationOutput, generate
+from vlcache.policies.policy import Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchRecord:
+    """One engine batch: what metrics.json aggregates."""
+
+    size: int
+    output: GenerationOutput
+
+
+@dataclass
+class SampleRecord:
+    """What samples.jsonl keeps per sample beyond lmms-eval's own fields."""
+
+    prompt_tokens: int
+    image_tokens: int
+    kept_tokens: float  # mean kept prompt entries over layers and KV heads
+    generated_tokens: int
+    batch_prefill_ms: float
+    batch_decode_ms_per_token: float
+    batch_e2e_ms: float
+
+
+@dataclass
+class VLCacheLMM(lmms):
+    adapter: object
+    policy: Policy
+    batch_size: int = 8
+    max_new_tokens: int | None = None  # overrides the task's generation length when set
+    batches: list[BatchRecord] = field(default_factory=list)
+    samples: dict[tuple[str, int], SampleRecord] = field(default_factory=dict)
+    failures: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    def clean(self) -> None:
+        """Keeps the model (lmms-eval's default deletes every module attribute)."""
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        answers: list[str] = [""] * len(requests)
+        for start in range(0, len(requests), self.batch_size):
+            chunk = list(range(start, min(start + self.batch_size, len(requests))))
+            texts = self._generate_batch([requests[i] for i in chunk])
+            for i, text in zip(chunk, texts):
+                answers[i] = text
+        return answers
+
+    def _generate_batch(self, reqs: list[Instance]) -> list[str]:
+        """Generates a batch; a batch that fails is retried one sample at a time, so that one bad sample
+        (corrupt image, over-long prompt, out of memory) costs only itself: it is recorded and answered ''."""
+        gen_kwargs = reqs[0].args[1]
+        max_new = self.max_new_tokens or int(gen_kwargs.get("max_new_tokens", 32))
+        prepared = [self._prepare(req) for req in reqs]
+        good = [p for p in prepared if p[3] is None]
+        texts: dict[tuple[str, int], str] = {}
+        try:
+            texts.update(self._run(good, max_new, gen_kwargs.get("until")))
+        except Exception as exc:  # noqa: BLE001 - any failure is retried per sample
+            if len(good) == 1:
+                prepared = [(*good[0][:3], exc)]
+            else:
+                log.warning("batch of %d failed (%s): retrying one sample at a time", len(good), exc)
+                _free_memory()
+                for sample in good:
+                    try:
+                        texts.update(self._run([sample], max_new, gen_kwargs.get("until")))
+                    except Exception as one_exc:  # noqa: BLE001
+                        _free_memory()
+                        prepared.append((*sample[:3], one_exc))
+        for key, _, _, error in prepared:
+            if error is not None and key not in texts:
+                log.warning("sample %s failed: %s: %s", key, type(error).__name__, error)
+                self.failures[key] = f"{type(error).__name__}: {error}"
+                texts[key] = ""
+        return [texts[(req.args[4], req.args[3])] for req in reqs]
+
+    def _prepare(self, req: Instance):
+        """(key, question, images, error): loading a sample's images can fail on its own."""
+        context, _, doc_to_visual, doc_id, task, split = req.args
+        key = (task, doc_id)
+        try:
+            visuals = list(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
+            for im in visuals:
+                im.load()
+            return key, context, visuals, None
+        except Exception as exc:  # noqa: BLE001 - a corrupt image fails its sample only
+            return key, context, [], exc
+
+    def _run(self, samples: list, max_new: int, until) -> dict[tuple[str, int], str]:
+        if not samples:
+            return {}
+        inputs = self.adapter.build_inputs([s[1] for s in samples], [s[2] for s in samples], max_new)
+        out = generate(self.adapter, self.policy, inputs, max_new)
+        texts = self.adapter.processor.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        self.batches.append(BatchRecord(size=len(samples), output=out))
+        kept = out.report.keep_counts.double().mean((0, 2))
+        answers = {}
+        for b, sample in enumerate(samples):
+            answers[sample[0]] = _cut_at_stop(texts[b], until).strip()
+            self.samples[sample[0]] = SampleRecord(
+                prompt_tokens=out.prompt_tokens[b],
+                image_tokens=out.image_tokens[b],
+                kept_tokens=float(kept[b]),
+                generated_tokens=len(out.tokens[b]),
+                batch_prefill_ms=out.prefill_ms,
+                batch_decode_ms_per_token=out.decode_ms_per_token,
+                batch_e2e_ms=out.e2e_ms,
+            )
+        return answers
+
+    def loglikelihood(self, requests: list[Instance]):
+        raise NotImplementedError("vlcache evaluates generation tasks only (output_type: generate_until)")
+
+    def generate_until_multi_round(self, requests: list[Instance]):
+        raise NotImplementedError("vlcache evaluates single-round generation tasks only")
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _cut_at_stop(text: str, until) -> str:
+    if not until:
+        return text
+    for stop in [until] if isinstance(until, str) else until:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text
