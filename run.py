@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlcache import results
 from vlcache.eval.job import identity, run_job
+from vlcache.gpu_pool import gpu_count, hold_gpu
 
 log = logging.getLogger("vlcache")
 
@@ -31,13 +32,16 @@ def _writable(root: str) -> str:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"output_root={root!r} is not writable ({exc.strerror}); set output_root=<a writable folder>")
+        raise ValueError(
+            f"output_root={root!r} is not writable ({exc.strerror}); set output_root=<a writable folder>"
+        ) from None
     return root
 
 
 # Job folders are named by their overrides; the job with no override gets a name too.
 OmegaConf.register_new_resolver("job_dirname", lambda s: s or "default", replace=True)
 OmegaConf.register_new_resolver("writable", _writable, replace=True)
+OmegaConf.register_new_resolver("gpu_count", gpu_count, replace=True)
 
 
 def _route_loguru() -> None:
@@ -57,7 +61,12 @@ def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     try:
-        metrics = run_job(cfg, job_dir)
+        if cfg.device == "auto" and hc.mode == RunMode.MULTIRUN and gpu_count() > 1:
+            with hold_gpu(gpu_count()) as index:  # one job per GPU (hydra/launcher=gpus)
+                cfg.device = f"cuda:{index}"
+                metrics = run_job(cfg, job_dir)
+        else:
+            metrics = run_job(cfg, job_dir)
     except Exception as exc:  # a failing job is recorded and the sweep goes on
         metrics = results.write_failure(job_dir, identity(cfg), exc)
         log.error("job failed: %s (%s)", metrics["error"], job_dir)

@@ -44,9 +44,16 @@ metric_list:
 """
 
 
-def write_fixture_task(root: Path, name: str = "fixture_qa", n: int = 6, seed: int = 0) -> Path:
-    """Writes `root/<name>/{<name>.yaml, utils.py, test.parquet}`: 'Which colour is the square?'."""
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+def write_fixture_task(
+    root: Path, name: str = "fixture_qa", n: int = 6, seed: int = 0, corrupt: tuple[int, ...] = (),
+    long: tuple[int, ...] = (),
+) -> Path:
+    """Writes `root/<name>/{<name>.yaml, utils.py, test.parquet}`: 'Which colour is the square?'.
+
+    Samples in `corrupt` get bytes that are no image; samples in `long` get a question of 9,000 characters
+    (longer than the tiny model's 8,192 positions)."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     rng = np.random.default_rng(seed)
     rows = {"id": [], "question": [], "answer": [], "image": []}
@@ -56,9 +63,10 @@ def write_fixture_task(root: Path, name: str = "fixture_qa", n: int = 6, seed: i
         x, y = rng.integers(0, 336 - 60, size=2)
         arr[y : y + 60, x : x + 60] = COLOURS[colour]
         rows["id"].append(f"{name}-{i}")
-        rows["question"].append("Which colour is the square?" + " Answer briefly." * (i % 2))
+        question = "Which colour is the square?" + " Answer briefly." * (i % 2)
+        rows["question"].append(question + " x" * 4500 if i in long else question)
         rows["answer"].append(colour)
-        rows["image"].append(Image.fromarray(arr))
+        rows["image"].append({"bytes": b"not an image", "path": None} if i in corrupt else Image.fromarray(arr))
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     features = Features({"id": Value("string"), "question": Value("string"), "answer": Value("string"),

@@ -72,8 +72,10 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
 
 def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import get_task_dict
 
     from vlcache.eval.lmms_model import VLCacheLMM
+    from vlcache.eval.safe_images import make_image_decoding_safe
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1" if cfg.dataset.source == "embedded" else "0")
     started = time.time()
@@ -84,10 +86,12 @@ def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     lm = VLCacheLMM(adapter, policy, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     limit = cfg.limit if cfg.limit is not None else dataset.get("limit")
+    tasks = get_task_dict([dataset["task"]], task_manager(dataset))
+    for task_obj in tasks.values():
+        make_image_decoding_safe(task_obj)
     out = simple_evaluate(
         model=lm,
-        tasks=[dataset["task"]],
-        task_manager=task_manager(dataset),
+        tasks=list(tasks.values()),
         limit=limit,
         batch_size=cfg.batch_size,
         log_samples=True,

@@ -106,12 +106,16 @@ class VLCacheLMM(lmms):
         """(key, question, images, error): loading a sample's images can fail on its own."""
         context, _, doc_to_visual, doc_id, task, split = req.args
         key = (task, doc_id)
+        doc = self.task_dict[task][split][doc_id]
         try:
-            visuals = list(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
+            visuals = list(doc_to_visual(doc) or [])
             for im in visuals:
                 im.load()
             return key, context, visuals, None
-        except Exception as exc:  # noqa: BLE001 - a corrupt image fails its sample only
+        except Exception:  # noqa: BLE001 - a corrupt image fails its sample only
+            missing = [k for k, v in doc.items() if v is None or (isinstance(v, list) and None in v)]
+            if missing:  # safe_images turned an undecodable image into None
+                exc = ValueError(f"undecodable image in column(s) {', '.join(missing)}")
             return key, context, [], exc
 
     def _run(self, samples: list, max_new: int, until) -> dict[tuple[str, int], str]:

@@ -39,6 +39,7 @@ class Scorer:
     """How important each prompt key is, per layer and KV head. Higher is kept first."""
 
     rows: RowSet | None = None  # the row set whose attention it needs; None for attention-free scorers
+    needs_image: ClassVar[bool] = False  # tells image from text tokens, so a prompt without an image is an error
 
     def score(self, layer: int, stats: LayerStats, info: PromptInfo) -> torch.Tensor:
         """`[B, Hkv, m]` float scores over the padded prompt (padding is masked out by the caller)."""
@@ -54,6 +55,7 @@ class Allocator:
 
     rows: RowSet | None = None
     threshold: float | None = None  # relative sparsity threshold p, when it needs layer sparsity
+    needs_image: ClassVar[bool] = False
 
     def allocate(
         self, budget: float, info: PromptInfo, sparsity: torch.Tensor | None, num_layers: int

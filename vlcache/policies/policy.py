@@ -102,6 +102,7 @@ class Policy:
         """Prepares for one batch; returns the prefill observer for the attention function (or None)."""
         self.info = info
         self.stats = [{} for _ in range(num_layers)]
+        self._check_images(info)
         wanted = self.row_sets()
         if not wanted:
             return None
@@ -120,6 +121,17 @@ class Policy:
                 )
 
         return observe
+
+    def _check_images(self, info: PromptInfo) -> None:
+        if self.cfg.keep_all:
+            return
+        parts = [p for p in (self.scorer, self.allocator) if p.needs_image]
+        if parts and not bool(info.has_image.all()):
+            bad = (~info.has_image).nonzero().flatten().tolist()
+            raise ValueError(
+                f"policy {self.cfg.name!r} tells image tokens from text tokens (part {parts[0].registry_name!r}), "
+                f"but prompt(s) {bad} of the batch have no image tokens"
+            )
 
     def _row_start(self, rows: RowSet, info: PromptInfo) -> torch.Tensor:
         """`[B]` first row of each sequence's row set; every row set is a suffix of the prompt."""

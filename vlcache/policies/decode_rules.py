@@ -1,0 +1,182 @@
+"""Decode rules: what happens to the cache while tokens are generated (policies.md §2-3).
+
+Rules that evict call `on_token` in every layer after the new token's entry was appended and attended, and
+delete with `CompressedLayer.remove` (later entries shift left). At budget 1 they do nothing: a full budget
+keeps everything, so every preset reproduces the uncompressed model there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlcache.cache import CompressedCache, CompressedLayer
+from vlcache.policies.parts import DECODE_RULES, DecodeRule, register
+from vlcache.policies.rope import find_rotary, shift_rope
+
+
+@register(DECODE_RULES, "append")
+class Append(DecodeRule):
+    """Generated tokens are appended and never evicted (the prefill-only form VLM papers compare against)."""
+
+
+def _shift_out(t: torch.Tensor, index: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """`t` (`[B, H, cap]`) without slot `index[b, h]` where `active`, as `CompressedLayer.remove` does."""
+    cap = t.shape[-1]
+    j = torch.arange(cap, device=t.device).expand_as(t)
+    src = torch.where(active[..., None] & (j >= index[..., None]), (j + 1).clamp(max=cap - 1), j)
+    return t.gather(-1, src)
+
+
+@register(DECODE_RULES, "h2o")
+class H2O(DecodeRule):
+    """H2O (Zhang et al., NeurIPS 2023, Algorithm 1, the official `H2OKVCache_LayerWise`): after each token,
+    its attention row is added to every entry's running score; once the cache holds more than its prompt keep
+    count `k`, the entry with the lowest score outside the sinks and the recent window is dropped, so the size
+    stays `k`. The running scores start from the scorer's prefill scores of the kept entries.
+    """
+
+    acts_per_token = True
+
+    def setup(self, cache, info, budget, keep_counts, *, scores=None, sinks=0, recent=None) -> None:
+        self.active = budget < 1.0 and scores is not None
+        if not self.active:
+            return
+        device = cache.layers[0].keys.device
+        self.keep = keep_counts.to(device)
+        self.sinks = sinks
+        self.recent = recent.to(device) if recent is not None else torch.zeros_like(self.keep[:, :, 0])
+        self.scores = [s.float().to(device).clone() for s in scores]
+
+    def on_token(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
+        if not self.active:
+            return
+        from vlcache import kernels  # the scoring core, looked up per call (tests swap the backend)
+
+        layer = cache.layers[layer_idx]
+        b, h, cap, d = layer.keys.shape
+        s = self.scores[layer_idx]
+        if s.shape[-1] < cap:  # the cache grew: new slots start at 0
+            s = torch.cat([s, s.new_zeros(b, h, cap - s.shape[-1])], -1)
+        # one decode row per KV head: (B, Hkv) folded into the batch makes each head's valid entries key_valid
+        group = query.shape[1] // h
+        q = query.reshape(b * h, group, 1, d)
+        row = kernels.attention_scores(
+            q, layer.keys.reshape(b * h, 1, cap, d), torch.full((b * h, 1), cap - 1, device=q.device),
+            key_valid=layer.valid_mask().reshape(b * h, cap),
+        ).col.reshape(b, h, cap)
+        s = s + row
+        over = layer.length > self.keep[layer_idx]
+        if bool(over.any()):
+            slot = torch.arange(cap, device=s.device)
+            n = layer.length[..., None]
+            first = min(self.sinks, cap - 1)
+            recent = self.recent[layer_idx][:, None, None]
+            candidate = (slot >= first) & (slot < n - recent)
+            victim = torch.where(candidate, s, torch.inf).argmin(-1)
+            # no candidate (the protected tokens fill the cache): drop the oldest non-sink entry
+            oldest = (layer.length - 1).clamp(max=first)
+            victim = torch.where(candidate.any(-1), victim, oldest)
+            layer.remove(victim, over)
+            s = _shift_out(s, victim, over)
+        live = torch.arange(cap, device=s.device) < layer.length[..., None]
+        self.scores[layer_idx] = torch.where(live, s, 0.0)  # freed slots restart at 0 for the next token
+
+
+@register(DECODE_RULES, "fixed_point")
+class FixedPoint(DecodeRule):
+    """Elastic Cache (Liu et al., ECCV 2024, §3.4 "fixed-point elimination"): the budget covers every token
+    seen (prompt and generated).
+
+    After prefill, the truncation index `N_tl = (compressed prompt length) − recent_distance` is fixed (24:
+    the paper's "recent distance of 25"). After each generated token, while the cache holds more than
+    `ceil(budget · tokens_seen)` entries, the entry at `N_tl` is deleted: the merged prefix before it is
+    permanent, the tail behaves as a queue.
+    """
+
+    acts_per_token = True
+
+    def __init__(self, recent_distance: int = 24) -> None:
+        if recent_distance < 0:
+            raise ValueError(f"recent_distance must be >= 0, got {recent_distance}")
+        self.recent_distance = recent_distance
+
+    def setup(self, cache, info, budget, keep_counts, **_) -> None:
+        self.active = budget < 1.0
+        device = cache.layers[0].keys.device
+        self.budget, self.info = budget, info
+        self.n_tl = (keep_counts.to(device) - self.recent_distance).clamp(min=0)
+
+    def limit(self, layer: CompressedLayer) -> torch.Tensor:
+        """`[B]` `ceil(budget · tokens_seen)`; the epsilon keeps float error from rounding an integer up."""
+        seen = (self.info.lengths + (layer.seen - self.info.m)).double()
+        return torch.ceil(self.budget * seen - 1e-9).long()
+
+    def on_token(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
+        if not self.active:
+            return
+        layer = cache.layers[layer_idx]
+        limit = self.limit(layer)[:, None].to(layer.length.device)
+        index = torch.minimum(self.n_tl[layer_idx], layer.length - 1)
+        while bool((over := layer.length > limit).any()):
+            layer.remove(index, over)
+            index = torch.minimum(index, layer.length - 1)
+
+
+@register(DECODE_RULES, "rolling")
+class Rolling(DecodeRule):
+    """StreamingLLM as published (Xiao et al., ICLR 2024, §3.2; mit-han-lab/streaming-llm `pos_shift`): the
+    cache stays at its prompt keep count `k` by evicting the oldest non-sink entry after each token, and
+    positions are those inside the cache, not in the text.
+
+    RoPE only sees position differences, so "entries at `0..n−1`, the query at `n−1`" is realised as
+    entries at consecutive positions ending at the query's own position (the engine keeps feeding the
+    original one): after compression every kept key is rotated to `len − k + i` (slot `i`); evicting an
+    entry leaves the later ones consecutive, and the sinks move up by one per token. Sinks are re-rotated
+    from their original keys (kept in float32), so no rounding accumulates over a long generation.
+    """
+
+    acts_per_token = True
+
+    def bind(self, adapter) -> None:
+        cfg = adapter.text_config
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if "mrope_section" in rope:  # Qwen2-VL's 3-D positions: the position of an entry is not one number
+            raise NotImplementedError("decode=rolling supports 1-D RoPE only (not M-RoPE)")
+        self.rotary = find_rotary(adapter.model)
+
+    def setup(self, cache, info, budget, keep_counts, *, sinks=0, **_) -> None:
+        self.active = budget < 1.0
+        if not self.active:
+            return
+        if not hasattr(self, "rotary"):
+            raise RuntimeError("decode=rolling needs the model's RoPE: call Policy.bind(adapter) first")
+        self.info, self.sinks = info, sinks
+        device = cache.layers[0].keys.device
+        self.keep = keep_counts.to(device)
+        self.base = info.lengths.to(device)[:, None] - self.keep  # [L, B, H]: the position of slot 0
+        self.sink_keys, self.sink_pos = [], []
+        for layer_idx, layer in enumerate(cache.layers):
+            slot = torch.arange(layer.capacity, device=device)
+            valid = slot < layer.length[..., None]
+            original = layer.positions - info.pad.to(device)[:, None, None]  # RoPE position of each entry
+            delta = torch.where(valid, self.base[layer_idx][..., None] + slot - original, 0)
+            s = min(sinks, layer.capacity)
+            self.sink_keys.append(layer.keys[:, :, :s].float().clone())
+            self.sink_pos.append(original[:, :, :s].clone())
+            layer.keys = shift_rope(layer.keys.float(), delta, self.rotary).to(layer.dtype)
+
+    def on_token(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
+        if not self.active:
+            return
+        layer = cache.layers[layer_idx]
+        over = layer.length > self.keep[layer_idx]
+        layer.remove(torch.minimum(torch.full_like(layer.length, self.sinks), layer.length - 1), over)
+        s = self.sink_keys[layer_idx].shape[2]
+        if s == 0:
+            return
+        steps = layer.seen - self.info.m  # tokens generated so far, this one included
+        slot = torch.arange(s, device=layer.keys.device)
+        target = self.base[layer_idx][..., None] + slot + steps
+        moved = shift_rope(self.sink_keys[layer_idx], target - self.sink_pos[layer_idx], self.rotary)
+        keep = (slot < torch.minimum(layer.length, self.keep[layer_idx])[..., None])[..., None]
+        layer.keys[:, :, :s] = torch.where(keep, moved.to(layer.dtype), layer.keys[:, :, :s])
