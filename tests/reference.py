@@ -3,6 +3,10 @@
 The language model runs with transformers' own DynamicCache and SDPA; an attention function registered for the
 test hides, per layer and KV head, every prompt key the compressed run did not keep. If compression, the
 cache's gather and the positions after eviction are right, both runs produce the same greedy tokens.
+
+Positions come from the adapter (`adapter.positions`: 1-D for LLaVA-style models, Qwen2-VL's `[3, B, m]` M-RoPE
+with `length + rope_delta` as the first decode position; `adapter.decode_position_ids` for each step), so the
+reference runs every architecture the way its model expects.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def _masked_attention(module, query, key, value, attention_mask, scaling=None, d
         mask = _PREFILL["mask"]
     else:
         prompt = _MASKS[module.layer_idx]
-        gen = torch.ones(b, prompt.shape[1], key.shape[2] - prompt.shape[2], dtype=torch.bool)
+        gen = torch.ones(b, prompt.shape[1], key.shape[2] - prompt.shape[2], dtype=torch.bool, device=prompt.device)
         mask = torch.cat([prompt, gen], -1).repeat_interleave(group, 1)[:, :, None, :]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
@@ -54,13 +58,14 @@ def masked_reference_generate(adapter, inputs, kept_positions, steps: int) -> li
     try:
         cache = DynamicCache(config=cfg)
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        out = adapter.model(input_ids=inputs["input_ids"], position_ids=info.position_ids(),
+        position_ids, pos = adapter.positions(inputs, info)
+        out = adapter.model(input_ids=inputs["input_ids"], position_ids=position_ids,
                             past_key_values=cache, use_cache=True, **extra)
         token = out.logits[:, -1].argmax(-1)
-        tokens, pos = [token], info.lengths.clone()
+        tokens, pos = [token], pos.clone()
         for _ in range(steps - 1):
-            out = adapter.model(input_ids=token[:, None], position_ids=pos[:, None], past_key_values=cache,
-                                use_cache=True)
+            out = adapter.model(input_ids=token[:, None], position_ids=adapter.decode_position_ids(pos),
+                                past_key_values=cache, use_cache=True)
             pos += 1
             token = out.logits[:, -1].argmax(-1)
             tokens.append(token)

@@ -95,5 +95,22 @@ class WandbMirror:
                                  else row.get(c) for c in columns])
             self.run.log({"samples": table})
 
+    def log_figures(self, job_dir: Path) -> None:
+        """Logs the job's per-layer budget / sparsity plot (analysis.allocation) as a wandb.Image."""
+        import wandb
+
+        metrics = read_metrics(job_dir) or {}
+        if not metrics.get("layer_budgets"):
+            return
+        try:  # analysis/ sits next to run.py; an installed vlcache without it still logs everything else
+            import matplotlib.pyplot as plt
+
+            from analysis.allocation import job_allocation_figure
+        except ImportError:
+            return
+        fig = job_allocation_figure(metrics)
+        self.run.log({"figures/layer_allocation": wandb.Image(fig)})
+        plt.close(fig)
+
     def finish(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)

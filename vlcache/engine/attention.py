@@ -32,10 +32,10 @@ DecodeObserver = Callable[[int, torch.Tensor], None]
 @dataclass
 class ForwardContext:
     cache: CompressedCache
-    prefill_mask: torch.Tensor | None = None  # [B, 1, m, m] bool, causal and padding
+    prefill_mask: torch.Tensor | None = None  # [B, 1, m, m] bool, causal and padding; None: causal, no padding
     on_prefill: PrefillObserver | None = None
     on_decode: DecodeObserver | None = None
-    fast_decode: bool = False  # decode with vlcache.kernels' ragged kernel over per-row lengths (fast_decode.py)
+    fast_decode: bool = False  # decode with the ragged kernel over per-row lengths (fast_decode.py)
 
 
 _CONTEXT: ContextVar[ForwardContext | None] = ContextVar("vlcache_forward", default=None)
@@ -86,7 +86,8 @@ def vlcache_attention(
     cache_layer = ctx.cache.layers[layer_idx]
     if not cache_layer.compressed:
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=ctx.prefill_mask, scale=scale, enable_gqa=True
+            query, key, value, attn_mask=ctx.prefill_mask, is_causal=ctx.prefill_mask is None, scale=scale,
+            enable_gqa=True,
         )
         if ctx.on_prefill is not None:
             ctx.on_prefill(layer_idx, query, key)

@@ -40,7 +40,7 @@ class GenerationOutput:
 
 @dataclass
 class Prefilled:
-    """The state after prefill and compression, shared by the simple loop and the fast path (fast_decode.py)."""
+    """The state after prefill and compression, shared by the simple loop and the fast path (fast_decode)."""
 
     info: PromptInfo
     cache: CompressedCache
@@ -61,7 +61,10 @@ def prefill_and_compress(adapter, policy: Policy, inputs: dict[str, torch.Tensor
     device = adapter.device
     info = adapter.prompt_info(inputs)
     cache = CompressedCache(adapter.num_layers)
-    ctx = ForwardContext(cache=cache, prefill_mask=prefill_mask(info.key_valid))
+    # no padding: SDPA's own causal mode (flash kernels, no m x m mask; a dense mask with GQA falls back to the
+    # math kernel, whose m x m scores do not fit at 32K)
+    mask = None if bool(info.key_valid.all()) else prefill_mask(info.key_valid)
+    ctx = ForwardContext(cache=cache, prefill_mask=mask)
     reset_peak(device)
 
     t0 = now_ms(device)

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlcache import results
-from vlcache.eval.tasks import check_dataset, task_manager
+from vlcache.eval.tasks import check_dataset, sample_subset, task_manager
 from vlcache.models.load import check_model, load_model, resolve_device
 from vlcache.policies.policy import build_policy
 
@@ -66,6 +66,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         raise
     if mirror is not None:
         mirror.log(metrics, results.read_samples(job_dir))
+        mirror.log_figures(job_dir)
         mirror.finish()
     return metrics
 
@@ -86,12 +87,15 @@ def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     lm = VLCacheLMM(adapter, policy, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     limit = cfg.limit if cfg.limit is not None else dataset.get("limit")
-    tasks = get_task_dict([dataset["task"]], task_manager(dataset))
+    manager = task_manager(dataset)
+    tasks = get_task_dict([dataset["task"]], manager)
     for task_obj in tasks.values():
+        sample_subset(task_obj, limit, dataset.get("seed"))
         make_image_decoding_safe(task_obj)
     out = simple_evaluate(
         model=lm,
         tasks=list(tasks.values()),
+        task_manager=manager,  # or simple_evaluate indexes every lmms-eval task again
         limit=limit,
         batch_size=cfg.batch_size,
         log_samples=True,
@@ -114,6 +118,7 @@ def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         **_engine_metrics(lm, time.time() - started),
         "n_failed_samples": len(lm.failures),
         "failed_samples": [{"doc_id": k[1], "error": v} for k, v in lm.failures.items()],
+        "model_weights": adapter.weights,
         "device": _device_name(device),
         "versions": {p: version(p) for p in ("torch", "transformers", "lmms_eval", "vlcache")},
         "python": platform.python_version(),

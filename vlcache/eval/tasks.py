@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from vlcache.models.hub import MissingResource, require_hf
@@ -38,9 +39,37 @@ def check_dataset(cfg: dict) -> None:
         require_hf(cfg["hf_dataset"], "dataset", cfg.get("path"), f"dataset {cfg['name']}", "dataset.path")
 
 
+def sample_subset(task, limit: int | None, seed: int | None) -> None:
+    """Keeps a seeded random subset of `limit` samples of an lmms-eval task's evaluation split, in dataset order
+    (the sampled subsets papers evaluate on; `dataset.seed`). With `seed` None, nothing changes here and
+    lmms-eval's own `limit` takes the first `limit` samples."""
+    if limit is None or seed is None:
+        return
+    import numpy as np
+
+    split = task.config.test_split or task.config.validation_split
+    n = len(task.dataset[split])
+    if limit >= n:
+        return
+    index = np.sort(np.random.default_rng(seed).choice(n, size=int(limit), replace=False)).tolist()
+    no_media = getattr(task, "dataset_no_image", None)
+    task.dataset[split] = task.dataset[split].select(index)
+    if no_media is not None and no_media is not task.dataset:  # lmms-eval's image-free copy, read by doc id
+        no_media[split] = no_media[split].select(index)
+
+
 def task_manager(cfg: dict):
-    """lmms-eval's TaskManager that knows the dataset's task (imported lazily: it costs seconds)."""
+    """lmms-eval's TaskManager that knows the dataset's task (cached: indexing lmms-eval's thousands of task
+    files costs seconds, and embedded tasks skip that index altogether)."""
+    if cfg["source"] == "embedded":
+        return _task_manager(str(task_dir(cfg)))
+    return _task_manager(None)
+
+
+@lru_cache(maxsize=4)
+def _task_manager(include: str | None):
     from lmms_eval.tasks import TaskManager
 
-    include = [str(task_dir(cfg))] if cfg["source"] == "embedded" else None
-    return TaskManager(include_path=include)
+    if include is None:
+        return TaskManager(verbosity="WARNING")
+    return TaskManager(verbosity="WARNING", include_path=[include], include_defaults=False)

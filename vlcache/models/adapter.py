@@ -3,6 +3,12 @@
 The adapter wires the framework's attention function into the language model only, and passes explicit
 positions, so that decoding continues from each sequence's original prompt length however many entries the
 cache keeps.
+
+`VLMAdapter` holds what every family shares (the engine's contract: `build_inputs`, `prompt_info`, `prefill`
+→ (logits `[B, vocab]`, first decode positions `[B]`), `decode(tokens [B], positions [B], cache)`); a family
+overrides only what differs: its model class, how image tokens and the post-vision start are found
+(`prompt_info`), and its RoPE positions (`positions`). Families: `llava` here, `llava_next` and
+`llava_onevision` in llava_next.py, `qwen2_vl` and `qwen2_5_vl` in qwen_vl.py.
 """
 
 from __future__ import annotations
@@ -18,11 +24,18 @@ class PromptTooLong(ValueError):
     """A prompt (plus the tokens to generate) longer than the model's position range."""
 
 
-class LlavaAdapter:
-    """llava-hf `LlavaForConditionalGeneration` (LLaVA-1.5 and the embedded model): one image-token id, 1-D RoPE."""
+class VLMAdapter:
+    """A llava-hf-style `...ForConditionalGeneration` (vision tower + projector + decoder-only language model).
 
-    def __init__(self, model, processor, device: str | torch.device = "cpu") -> None:
-        self.model, self.processor, self.device = model, processor, torch.device(device)
+    `device`: where inputs go; None means the input embedding's device (a model split with `device_map`, whose
+    layers, and so their cache layers, live on several devices)."""
+
+    family = ""
+    model_class = ""  # the transformers class that loads this family (`load.py`)
+
+    def __init__(self, model, processor, device: str | torch.device | None = None) -> None:
+        self.model, self.processor = model, processor
+        self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
         self.text_config = model.config.text_config
         use_vlcache_attention(self.text_config)
         self.image_token_id = model.config.image_token_id
@@ -42,6 +55,7 @@ class LlavaAdapter:
         cfg = self.text_config
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
+    # -- prompts -------------------------------------------------------------------------------------------
     def chat_prompt(self, question: str, num_images: int) -> str:
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
         messages = [{"role": "user", "content": content}]
@@ -50,7 +64,7 @@ class LlavaAdapter:
     def build_inputs(
         self, questions: list[str], images: list[list[Image.Image]], max_new_tokens: int = 0
     ) -> dict[str, torch.Tensor]:
-        """Left-padded inputs for a batch: images first, then the question (LLaVA's prompt format).
+        """Left-padded inputs for a batch: images first, then the question.
 
         Raises `PromptTooLong` when a prompt plus its answer would run past the model's positions."""
         texts = [self.chat_prompt(q, len(ims)) for q, ims in zip(questions, images)]
@@ -64,28 +78,53 @@ class LlavaAdapter:
                 f"prompt of {int(lengths.max()) - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                 f"the model's {limit} positions"
             )
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def prompt_info(self, inputs: dict[str, torch.Tensor]) -> PromptInfo:
         return PromptInfo.from_ids(inputs["input_ids"], inputs["attention_mask"], self.image_token_id)
 
+    # -- positions -----------------------------------------------------------------------------------------
+    def positions(self, inputs: dict[str, torch.Tensor], info: PromptInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's position ids as the model's forward takes them, and each sequence's first decode
+        position `[B]`. 1-D RoPE: real tokens count from 0 after the left padding; decoding goes on from the
+        prompt length, never from the cache's entry count."""
+        return info.position_ids(), info.lengths.clone()
+
+    def decode_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """`[B]` decode positions as the model's forward takes them for one new token."""
+        return positions[:, None]
+
+    # -- forward -------------------------------------------------------------------------------------------
     def prefill(self, inputs: dict[str, torch.Tensor], info: PromptInfo, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the whole prompt; returns the last position's logits `[B, vocab]` and the first decode
-        position `[B]` of each sequence (its prompt length: decoding never counts the cache's entries)."""
+        position `[B]` of each sequence."""
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        position_ids, next_positions = self.positions(inputs, info)
         out = self.model(
             input_ids=inputs["input_ids"],
-            position_ids=info.position_ids(),
+            position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
             **extra,
         )
-        return out.logits[:, -1], info.lengths.clone()
+        return out.logits[:, -1].to(self.device), next_positions.to(self.device)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One step for `[B]` tokens at `[B]` positions; returns `[B, vocab]` logits."""
         out = self.model(
-            input_ids=tokens[:, None], position_ids=positions[:, None], past_key_values=cache, use_cache=True
+            input_ids=tokens[:, None], position_ids=self.decode_position_ids(positions), past_key_values=cache,
+            use_cache=True,
         )
-        return out.logits[:, -1]
+        return out.logits[:, -1].to(self.device)
+
+
+class LlavaAdapter(VLMAdapter):
+    """llava-hf `LlavaForConditionalGeneration` (LLaVA-1.5 and the embedded model): one image-token id, a fixed
+    number of image tokens per image (576 at 336 px), 1-D RoPE."""
+
+    family = "llava"
+    model_class = "LlavaForConditionalGeneration"
+
+    def __init__(self, model, processor, device: str | torch.device | None = "cpu") -> None:
+        super().__init__(model, processor, device)

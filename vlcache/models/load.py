@@ -10,10 +10,16 @@ import torch
 
 from vlcache.models.adapter import LlavaAdapter
 from vlcache.models.hub import require_hf
+from vlcache.models.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+from vlcache.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
 log = logging.getLogger(__name__)
 
-ADAPTERS = {"llava": LlavaAdapter}
+# `family` in conf/model/*.yaml -> the adapter (which names the transformers class that loads the family)
+ADAPTERS = {
+    a.family: a for a in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+}
+DEVICE_MAPS = (None, "auto")
 SOURCES = ("embedded", "random", "hf")
 CHECKPOINT = Path(__file__).resolve().parent.parent / "zoo" / "checkpoint"
 
@@ -32,6 +38,8 @@ def check_model(cfg: dict) -> None:
         raise ValueError(f"unknown model family {cfg['family']!r}; valid: {', '.join(ADAPTERS)}")
     if cfg["source"] not in SOURCES:
         raise ValueError(f"unknown model source {cfg['source']!r}; valid: {', '.join(SOURCES)}")
+    if cfg.get("device_map") not in DEVICE_MAPS:
+        raise ValueError(f"unknown model.device_map {cfg['device_map']!r}; valid: null (one device), auto")
     if cfg["source"] == "hf":
         require_hf(cfg["hf_id"], "model", cfg.get("path"), f"model {cfg['name']}", "model.path")
 
@@ -42,20 +50,29 @@ def embedded_checkpoint(cfg: dict) -> Path | None:
 
 
 @lru_cache(maxsize=2)
-def _load(family: str, source: str, path: str | None, dtype: str, device: str, seed: int):
+def _load(family: str, source: str, path: str | None, dtype: str, device: str, seed: int,
+          device_map: str | None = None):
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
+    adapter = ADAPTERS[family]
     if source == "random" or path is None:
-        from vlcache.zoo.model import build_random_llava
+        from vlcache.models.tiny import build_tiny
 
-        model, processor = build_random_llava(seed)
+        model, processor = build_tiny(family, seed)
     else:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        import transformers
+        from transformers import AutoProcessor
 
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+        model_class = getattr(transformers, adapter.model_class)
+        # device_map="auto" (accelerate) splits a model too big for one GPU over every visible GPU: each decoder
+        # layer, and so its cache layer, lives on its own device; inputs go to the input embedding's device
+        placement = {"device_map": device_map} if device_map else {}
+        model = model_class.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa", **placement)
         processor = AutoProcessor.from_pretrained(path)
+    if device_map and source == "hf":
+        return adapter(model.eval(), processor, None)
     model = model.to(device=dev, dtype=torch_dtype).eval()
-    return ADAPTERS[family](model, processor, dev)
+    return adapter(model, processor, dev)
 
 
 def load_model(cfg: dict, device: torch.device, seed: int = 0):
@@ -69,4 +86,7 @@ def load_model(cfg: dict, device: torch.device, seed: int = 0):
         path = str(ckpt) if ckpt else None
     elif cfg["source"] == "hf":
         path = cfg.get("path") or cfg["hf_id"]
-    return _load(cfg["family"], cfg["source"], path, cfg.get("dtype", "float32"), str(device), seed)
+    adapter = _load(cfg["family"], cfg["source"], path, cfg.get("dtype", "float32"), str(device), seed,
+                    cfg.get("device_map"))
+    adapter.weights = "random stand-in" if path is None else "pretrained"  # recorded in metrics.json
+    return adapter

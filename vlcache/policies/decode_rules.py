@@ -7,11 +7,19 @@ keeps everything, so every preset reproduces the uncompressed model there.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from vlcache.cache import CompressedCache, CompressedLayer
 from vlcache.policies.parts import DECODE_RULES, DecodeRule, register
 from vlcache.policies.rope import find_rotary, shift_rope
+
+
+def on_device(t: torch.Tensor):
+    """The CUDA device context of `t` (Triton launches on the current device; a model split with device_map
+    has layers on several GPUs), or nothing on the CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @register(DECODE_RULES, "append")
@@ -45,7 +53,7 @@ class H2O(DecodeRule):
         self.keep = keep_counts.to(device)
         self.sinks = sinks
         self.recent = recent.to(device) if recent is not None else torch.zeros_like(self.keep[:, :, 0])
-        self.scores = [s.float().to(device).clone() for s in scores]
+        self.scores = [s.float().clone() for s in scores]  # each on its layer's device (device_map)
 
     def on_token(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
         if not self.active:
@@ -60,17 +68,18 @@ class H2O(DecodeRule):
         # one decode row per KV head: (B, Hkv) folded into the batch makes each head's valid entries key_valid
         group = query.shape[1] // h
         q = query.reshape(b * h, group, 1, d)
-        row = kernels.attention_scores(
-            q, layer.keys.reshape(b * h, 1, cap, d), torch.full((b * h, 1), cap - 1, device=q.device),
-            key_valid=layer.valid_mask().reshape(b * h, cap),
-        ).col.reshape(b, h, cap)
+        with on_device(q):
+            row = kernels.attention_scores(
+                q, layer.keys.reshape(b * h, 1, cap, d), torch.full((b * h, 1), cap - 1, device=q.device),
+                key_valid=layer.valid_mask().reshape(b * h, cap),
+            ).col.reshape(b, h, cap)
         s = s + row
-        over = layer.length > self.keep[layer_idx]
+        over = layer.length > self.keep[layer_idx].to(layer.length.device)
         if bool(over.any()):
             slot = torch.arange(cap, device=s.device)
             n = layer.length[..., None]
             first = min(self.sinks, cap - 1)
-            recent = self.recent[layer_idx][:, None, None]
+            recent = self.recent[layer_idx][:, None, None].to(s.device)
             candidate = (slot >= first) & (slot < n - recent)
             victim = torch.where(candidate, s, torch.inf).argmin(-1)
             # no candidate (the protected tokens fill the cache): drop the oldest non-sink entry
@@ -116,7 +125,7 @@ class FixedPoint(DecodeRule):
             return
         layer = cache.layers[layer_idx]
         limit = self.limit(layer)[:, None].to(layer.length.device)
-        index = torch.minimum(self.n_tl[layer_idx], layer.length - 1)
+        index = torch.minimum(self.n_tl[layer_idx].to(layer.length.device), layer.length - 1)
         while bool((over := layer.length > limit).any()):
             layer.remove(index, over)
             index = torch.minimum(index, layer.length - 1)

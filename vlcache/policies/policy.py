@@ -16,6 +16,7 @@ import torch
 from vlcache.cache import CompressedCache
 from vlcache.models.prompt import PromptInfo
 from vlcache.policies import allocators, decode_rules, reducers, scorers  # noqa: F401  (register the parts)
+from vlcache.policies.decode_rules import on_device
 from vlcache.policies.parts import (
     ALLOCATORS,
     DECODE_RULES,
@@ -112,13 +113,16 @@ class Policy:
             from vlcache.kernels import attention_scores
 
             for rows, threshold in wanted.items():
-                start = starts[rows]
+                # a model split over GPUs (device_map): this layer's own device, and its CUDA context for Triton
+                start = starts[rows].to(query.device)
                 first = int(start.min())
                 idx = torch.arange(first, info.m, device=query.device)
                 q_pos = torch.where(idx >= start[:, None], idx, -1)
-                self.stats[layer][rows] = attention_scores(
-                    query[:, :, first:], key, q_pos, key_valid=info.key_valid, threshold=threshold
-                )
+                with on_device(query):
+                    self.stats[layer][rows] = attention_scores(
+                        query[:, :, first:], key, q_pos, key_valid=info.key_valid.to(query.device),
+                        threshold=threshold,
+                    )
 
         return observe
 
@@ -164,7 +168,8 @@ class Policy:
         per_layer = []
         for layer_stats in self.stats:
             s = layer_stats[rows]
-            per_layer.append((s.below.double() / s.visible.clamp(min=1).double()).mean(1))
+            gamma = (s.below.double() / s.visible.clamp(min=1).double()).mean(1)
+            per_layer.append(gamma.to(self.info.key_valid.device))
         return torch.stack(per_layer)
 
     def compress(self, cache: CompressedCache) -> CompressionReport:
@@ -180,15 +185,17 @@ class Policy:
         report = CompressionReport(keep_counts=torch.empty(0), prompt_lengths=lengths.cpu(), sparsity=sparsity)
         counts, kept_scores, recent = [], [], []
         for layer_idx, layer in enumerate(cache.layers):
-            k = self._clamp(target[layer_idx], lengths, report, layer_idx)
-            index, count, score = self._select(layer_idx, k, layer.keys.shape[1], info)
-            merged = None if self.cfg.keep_all else self.reducer.reduce(layer, index, count, info)
+            dev = layer.keys.device  # a model split over GPUs (device_map): each layer on its own device
+            info_l = info.to(dev)
+            k = self._clamp(target[layer_idx].to(dev), lengths.to(dev), report, layer_idx)
+            index, count, score = self._select(layer_idx, k, layer.keys.shape[1], info_l)
+            merged = None if self.cfg.keep_all else self.reducer.reduce(layer, index, count, info_l)
             layer.keep(index, count, *(merged or ()))
-            counts.append(count)
+            counts.append(count.to(lengths.device))
             # the kept entries' scores, slot-aligned, for decode rules that go on ranking (H2O)
             slot = torch.arange(index.shape[-1], device=index.device)
             kept_scores.append(torch.where(slot < count[..., None], score.gather(-1, index), 0.0))
-            recent.append(self._recent(k))
+            recent.append(self._recent(k).to(lengths.device))
         report.keep_counts = torch.stack(counts).cpu()
         if report.clamped:
             log.warning(

@@ -1,0 +1,113 @@
+"""Decode attention over the ragged cache: Triton kernel (interpreter on the CPU, native on CUDA) and the
+PyTorch fallback against a float64 reference, with per-(sequence, KV head) lengths, GQA and split-K."""
+
+import os
+
+import pytest
+import torch
+
+from vlcache.kernels.decode_attention import decode_attention, num_splits
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BACKENDS = ["torch"] + (["triton"] if (INTERPRET or torch.cuda.is_available()) else [])
+DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
+
+
+def reference(q, k, v, length, scale):
+    """float64, one (sequence, query head) at a time over its KV head's first `length` entries."""
+    b, hq, _, d = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros(b, hq, 1, d, dtype=torch.float64)
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    for i in range(b):
+        for h in range(hq):
+            n = int(length[i, h // group])
+            if n == 0:
+                continue
+            s = (q[i, h, 0] @ k[i, h // group, :n].T) * scale
+            out[i, h, 0] = torch.softmax(s, -1) @ v[i, h // group, :n]
+    return out
+
+
+def rel_err(out, ref):
+    """Largest relative error over (sequence, head) rows, so a short row cannot hide behind a long one."""
+    diff = (out.double().cpu() - ref).norm(dim=-1)
+    return float((diff / ref.norm(dim=-1).clamp(min=1e-30)).max())
+
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
+
+
+def _inputs(b, hkv, group, cap, d, dtype, lengths, seed=None, backend="triton"):
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
+    q = torch.randn(b, 1, hkv * group, d, generator=g).transpose(1, 2)  # non-contiguous, as in transformers
+    k = torch.randn(b, hkv, cap, d, generator=g)
+    v = torch.randn(b, hkv, cap, d, generator=g)
+    k[..., :3] *= 4  # peaked logits: a wrong max or a missed key shows
+    q, k, v = (t.to(dtype).to(DEVICE) for t in (q, k, v))
+    # the spare room past each row's length holds garbage: the kernel must never read it (NaN would show);
+    # the fallback reads it under a mask, so it gets large finite values
+    valid = (torch.arange(cap) < lengths[..., None])[..., None].to(DEVICE)
+    junk = torch.tensor(float("nan") if backend == "triton" else 1e3, dtype=dtype, device=DEVICE)
+    k, v = torch.where(valid, k, junk), torch.where(valid, v, junk)
+    return q, k, v, lengths.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 7])
+def test_ragged_lengths_gqa(backend, dtype, group):
+    b, hkv, cap, d = 3, 2, 203, 64
+    lengths = torch.tensor([[1, 203], [117, 64], [33, 2]])  # odd, length 1, full, exactly one block
+    q, k, v, length = _inputs(b, hkv, group, cap, d, dtype, lengths, backend=backend)
+    scale = d**-0.5
+    ref = reference(q, k, v, length, scale)
+    out = decode_attention(q, k, v, length, scale, backend=backend)
+    assert out.shape == (b, hkv * group, 1, d) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_cache_split_k(backend, dtype):
+    """Caps of a few thousand keys: several splits per row, rows whose length leaves splits empty."""
+    b, hkv, group, cap, d = 1, 2, 4, 2500, 128
+    lengths = torch.tensor([[2500, 1737]])
+    if backend == "triton":
+        assert num_splits(b, hkv, cap, torch.device(DEVICE)) > 1  # split-K active by default
+    q, k, v, length = _inputs(b, hkv, group, cap, d, dtype, lengths, backend=backend)
+    ref = reference(q, k, v, length, 0.1)
+    out = decode_attention(q, k, v, length, 0.1, backend=backend)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("splits", [1, 2, 5, 64])
+def test_split_counts_agree(splits):
+    """Any number of splits (one: no combine launch; more splits than key blocks: empty splits)."""
+    b, hkv, group, cap, d = 2, 3, 2, 390, 80  # a head dim that is not a power of two
+    lengths = torch.tensor([[390, 1, 200], [77, 129, 64]])
+    q, k, v, length = _inputs(b, hkv, group, cap, d, torch.float32, lengths)
+    ref = reference(q, k, v, length, d**-0.5)
+    out = decode_attention(q, k, v, length, backend="triton", splits=splits)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_row_gives_zero(backend):
+    lengths = torch.tensor([[0, 5]])
+    q, k, v, length = _inputs(1, 2, 2, 16, 16, torch.float32, lengths, seed=0, backend=backend)
+    out = decode_attention(q, k, v, length, backend=backend)
+    assert torch.equal(out[0, :2].cpu(), torch.zeros(2, 1, 16))
+    ref = reference(q, k, v, length, 16**-0.5)
+    assert rel_err(out[:, 2:], ref[:, 2:]) < TOL[torch.float32]
+
+
+def test_bad_shapes():
+    q = torch.randn(1, 4, 1, 16)
+    k = torch.randn(1, 3, 8, 16)
+    with pytest.raises(ValueError):
+        decode_attention(q, k, k, torch.ones(1, 3, dtype=torch.long), backend="torch")
+    with pytest.raises(ValueError):
+        decode_attention(q, k[:, :2], k[:, :2], torch.ones(1, 3, dtype=torch.long), backend="torch")

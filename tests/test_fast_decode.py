@@ -1,0 +1,164 @@
+"""The fast decode path (`generate_fast`) produces the simple loop's greedy tokens.
+
+On CUDA: the tiny random LLaVA, a left-padded batch of 2, CUDA-graph replay with the Triton decode kernel.
+On the CPU: the same path runs eagerly (reserved buffers, the kernel's PyTorch fallback). Policies are built
+from conf/policy/*.yaml with PyYAML (no Hydra: the GPU machines do not have it).
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+import yaml
+from conftest import random_images
+
+from vlcache.engine.fast_decode import generate_fast
+from vlcache.engine.generate import generate
+from vlcache.policies.policy import build_policy
+
+STEPS = 10
+CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "policy")
+QUESTIONS = ["What is the total?", "Which colour is the largest shape in the picture, and where is it?"]
+
+
+def policy(name: str, budget: float, **groups: str):
+    """conf/policy/<name>.yaml with its defaults list resolved (`groups` override options), as Hydra
+    composes it (presets without interpolations only)."""
+    with open(os.path.join(CONF, f"{name}.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    for entry in cfg.pop("defaults", []):
+        if isinstance(entry, dict):
+            ((group, option),) = entry.items()
+            with open(os.path.join(CONF, group, f"{groups.get(group, option)}.yaml")) as f:
+                cfg[group] = yaml.safe_load(f)
+    return build_policy(cfg, budget)
+
+
+def _adapter(device: str):
+    import transformers
+
+    if not hasattr(transformers, "CLIPImageProcessorPil"):  # older transformers (the GPU machines' 5.17)
+        transformers.CLIPImageProcessorPil = transformers.CLIPImageProcessor
+    from vlcache.models.adapter import LlavaAdapter
+    from vlcache.zoo.model import build_random_llava
+
+    model, processor = build_random_llava(seed=0)
+    return LlavaAdapter(model.to(device), processor, device)
+
+
+@pytest.fixture(scope="module")
+def cuda_adapter():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return _adapter("cuda")
+
+
+def _inputs(adapter):
+    return adapter.build_inputs(QUESTIONS, [[im] for im in random_images(2, seed=7)])
+
+
+def _early_eos(adapter):
+    """Inputs and a copy of the adapter whose EOS is a token both sequences generate, at different steps (so
+    they stop at different times and the batch stops before `STEPS`), found from runs of the simple loop."""
+    fake = copy.copy(adapter)
+    for seed in (1, 2, 3, 7):
+        inputs = adapter.build_inputs(QUESTIONS, [[im] for im in random_images(2, seed=seed)])
+        seqs = generate(adapter, policy("full", 1.0), inputs, STEPS).tokens
+        first = [{t: seq.index(t) for t in reversed(seq)} for seq in seqs]
+        common = [t for t in first[0] if t in first[1] and first[0][t] != first[1][t]]
+        if common:
+            fake.eos_token_id = common[0]
+            return fake, inputs, True
+    fake.eos_token_id = seqs[0][min(3, len(seqs[0]) - 1)]  # at least one sequence stops early
+    return fake, inputs, False
+
+
+# -- CUDA: graph replay --------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "budget"), [("full", 1.0), ("streamingllm", 0.1), ("streamingllm", 1.0)])
+def test_cuda_graph_tokens_equal_simple_path(cuda_adapter, name, budget):
+    inputs = _inputs(cuda_adapter)
+    assert (inputs["attention_mask"] == 0).any()  # left-padded
+    ref = generate(cuda_adapter, policy(name, budget), inputs, STEPS)
+    stats = {}
+    out = generate_fast(cuda_adapter, policy(name, budget), inputs, STEPS, stats=stats)
+    assert stats["mode"] == "graph", stats
+    assert out.tokens == ref.tokens
+    assert out.new_tokens == ref.new_tokens
+    assert out.report.keep_counts.tolist() == ref.report.keep_counts.tolist()
+    assert out.kv_bytes_kept == ref.kv_bytes_kept
+
+
+@pytest.mark.gpu
+def test_cuda_sequences_stopping_at_different_times(cuda_adapter):
+    fake, inputs, stops_early = _early_eos(cuda_adapter)
+    ref = generate(fake, policy("streamingllm", 0.1), inputs, STEPS)
+    stats = {}
+    out = generate_fast(fake, policy("streamingllm", 0.1), inputs, STEPS, stats=stats)
+    assert stats["mode"] == "graph"
+    assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens
+    if stops_early:
+        assert ref.new_tokens < STEPS and len({len(t) for t in ref.tokens}) == 2
+
+
+@pytest.mark.gpu
+def test_cuda_evicting_rule_falls_back_to_eager(cuda_adapter):
+    """StreamingLLM's rolling cache evicts per token: eager steps, reserved buffers, the Triton kernel."""
+    inputs = _inputs(cuda_adapter)
+    ref = generate(cuda_adapter, policy("streamingllm", 0.1, decode="rolling"), inputs, STEPS)
+    stats = {}
+    rolling = policy("streamingllm", 0.1, decode="rolling")
+    out = generate_fast(cuda_adapter, rolling, inputs, STEPS, stats=stats)
+    assert stats["mode"] == "eager" and "evicts per token" in stats["reason"]
+    assert out.tokens == ref.tokens
+
+
+# -- CPU: the same path, eagerly -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpu_adapter():
+    return _adapter("cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "budget", "decode"),
+    [("full", 1.0, "append"), ("streamingllm", 0.1, "append"), ("streamingllm", 0.1, "rolling")],
+)
+def test_cpu_eager_tokens_equal_simple_path(cpu_adapter, name, budget, decode, monkeypatch):
+    if name == "full":  # the interpreter is slow over the full cache: the PyTorch fallback there
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    inputs = _inputs(cpu_adapter)
+    ref = generate(cpu_adapter, policy(name, budget, decode=decode), inputs, 6)
+    stats = {}
+    out = generate_fast(cpu_adapter, policy(name, budget, decode=decode), inputs, 6, stats=stats)
+    assert stats["mode"] == "eager"
+    assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens
+    assert stats["kv_bytes_reserved"] > out.kv_bytes_allocated  # reserved once, max_new_tokens of room
+
+
+def test_cpu_sequences_stopping_at_different_times(cpu_adapter, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fake, inputs, stops_early = _early_eos(cpu_adapter)
+    ref = generate(fake, policy("full", 1.0), inputs, STEPS)
+    out = generate_fast(fake, policy("full", 1.0), inputs, STEPS)
+    assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens
+    assert stops_early and ref.new_tokens < STEPS and len({len(t) for t in ref.tokens}) == 2
+
+
+def test_reserve_appends_in_place():
+    from vlcache.cache import CompressedLayer
+
+    layer = CompressedLayer()
+    k = torch.randn(2, 3, 5, 4)
+    layer.update(k, k)
+    layer.reserve(9)
+    keys, length = layer.keys, layer.length
+    for i in range(4):
+        new = torch.full((2, 3, 1, 4), float(i))
+        layer.update(new, new)
+    assert layer.keys is keys and layer.length is length and layer.capacity == 9  # no reallocation
+    assert layer.length.tolist() == [[9] * 3] * 2
+    assert torch.equal(layer.keys[:, :, 5:, 0], torch.arange(4.0).expand(2, 3, 4))
+    assert layer.positions[0, 0].tolist() == list(range(9))
+    layer.sync_seen()
+    assert layer.get_seq_length() == 9

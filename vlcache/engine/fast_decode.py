@@ -1,0 +1,224 @@
+"""The fast decode path: the simple loop's prefill and compression, then decoding without per-step Python.
+
+`generate_fast` returns what `vlcache.engine.generate.generate` returns, token for token:
+
+1. prefill (SDPA) and `policy.compress(cache)`: the same code (`prefill_and_compress`);
+2. static buffers, sized once: every cache layer is reserved to ``max kept + max_new_tokens`` entries per row
+   (`CompressedLayer.reserve`), so appends write in place and never read lengths back to the host; the next
+   token, the positions, the finished mask, the output ids and the write column are device tensors;
+3. decode attention through the ragged Triton kernel (`ForwardContext.fast_decode`), over each layer's, KV
+   head's and sequence's own valid entries;
+4. on CUDA, one decode step (model forward, argmax, position increment, finished mask, token store) is run
+   once as warm-up (it is decode step 1, and compiles the kernels), captured in a `torch.cuda.CUDAGraph`,
+   and replayed for every later step. Sequences that finished keep running (they emit padding, as in the
+   simple loop); the host checks "all finished" two steps behind the GPU (pinned flag + event), so the GPU
+   never waits for the CPU, and the result is cut where the simple loop would have stopped.
+
+Decode rules that evict per token (`acts_per_token`: h2o, fixed_point, rolling, when active, i.e. budget < 1)
+reallocate and read lengths on the host inside `on_token`: they are not graph-safe, so they run the same step
+eagerly (still with reserved buffers and the Triton kernel). On the CPU everything runs eagerly, with the
+kernel's PyTorch fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vlcache.cache import CompressedCache
+from vlcache.engine.attention import ForwardContext, forward_context
+from vlcache.engine.generate import GenerationOutput, build_output, prefill_and_compress
+from vlcache.engine.timing import now_ms
+from vlcache.policies.policy import Policy
+
+log = logging.getLogger(__name__)
+
+LAG = 2  # CUDA: the host reads the "all finished" flag of the step this many steps behind the last enqueued
+
+
+def _evicts_per_token(policy: Policy) -> bool:
+    rule = policy.decode_rule
+    return bool(rule.acts_per_token and getattr(rule, "active", True))
+
+
+def _new_tokens(generated: list[list[int]], eos: int, ran: int, stop_at_eos: bool) -> int:
+    """Steps the simple loop would have run: up to the column where the last sequence emitted EOS."""
+    if not stop_at_eos:
+        return ran
+    firsts = [seq.index(eos) if eos in seq else None for seq in generated]
+    if any(f is None for f in firsts):
+        return ran
+    return min(max(firsts) + 1, ran)
+
+
+@torch.inference_mode()
+def generate_fast(
+    adapter,
+    policy: Policy,
+    inputs: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    *,
+    cuda_graph: bool | None = None,
+    stop_at_eos: bool = True,
+    stats: dict | None = None,
+) -> GenerationOutput:
+    """Greedy decoding of a left-padded batch, as `generate`, on the fast path.
+
+    Args:
+        cuda_graph: capture and replay the decode step (default: on CUDA, unless the decode rule evicts per
+            token).
+        stop_at_eos: False runs all `max_new_tokens` steps whatever is generated (benchmarks); the tokens are
+            still cut at EOS.
+        stats: filled by `decode_fast` with how decoding ran.
+    """
+    pre = prefill_and_compress(adapter, policy, inputs)
+    use_graph, reason = cuda_graph, None
+    if _evicts_per_token(policy) and cuda_graph is not False:
+        use_graph = False
+        reason = f"decode rule {type(policy.decode_rule).__name__} evicts per token (not graph-safe)"
+    generated, new_tokens, t_end = decode_fast(
+        adapter, pre.cache, pre.ctx, pre.logits.argmax(-1), pre.positions, max_new_tokens,
+        t_start=pre.t_decode, cuda_graph=use_graph, eager_reason=reason, stop_at_eos=stop_at_eos, stats=stats,
+    )
+    return build_output(adapter, pre, generated, new_tokens, t_end - pre.t_decode)
+
+
+@torch.inference_mode()
+def decode_fast(
+    adapter,
+    cache: CompressedCache,
+    ctx: ForwardContext,
+    token: torch.Tensor,
+    positions: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    t_start: float | None = None,
+    cuda_graph: bool | None = None,
+    eager_reason: str | None = None,
+    stop_at_eos: bool = True,
+    stats: dict | None = None,
+) -> tuple[list[list[int]], int, float]:
+    """Greedy decoding from a filled (compressed) cache: `token` `[B]` is the first generated token (from the
+    prefill's logits), `positions` `[B]` its position. Reserves the cache, then runs `max_new_tokens - 1`
+    steps.
+
+    Returns the ids per sequence (one per step, the first token included, cut where the simple loop stops),
+    that count, and the host clock (ms) at the end. `stats` gets: `mode` ("graph" or "eager"), `reason` (why
+    eager), `steps` (decode steps run), `setup_ms` (from `t_start`: reserve, warm-up step, capture),
+    `loop_ms` and `loop_steps` (the steps after the first: the steady state), `kv_bytes_reserved`.
+    """
+    device = adapter.device
+    cuda = device.type == "cuda"
+    eos, pad = adapter.eos_token_id, adapter.pad_token_id
+    info = {} if stats is None else stats
+    t_start = now_ms(device) if t_start is None else t_start
+
+    # -- static buffers, sized once --------------------------------------------------------------------------
+    kept = torch.stack([layer.length.amax() for layer in cache.layers]).tolist()  # one host sync
+    for layer, k in zip(cache.layers, kept):
+        layer.reserve(int(k) + max_new_tokens)
+    info["kv_bytes_reserved"] = cache.nbytes()
+    ctx.fast_decode = True
+
+    token = token.clone()
+    b = token.shape[0]
+    finished = token == eos if stop_at_eos else torch.zeros_like(token, dtype=torch.bool)
+    positions = positions.clone()
+    out = torch.full((b, max(max_new_tokens, 1)), pad, dtype=torch.long, device=device)
+    out[:, 0] = token
+    col = torch.ones(1, dtype=torch.long, device=device)  # the column the next step writes
+    done = torch.zeros((), dtype=torch.bool, device=device)
+
+    def step() -> None:
+        """One decode step, in place on the static buffers (what the graph captures)."""
+        logits = adapter.decode(token, positions, cache)
+        positions.add_(1)
+        nxt = torch.where(finished, pad, logits.argmax(-1))
+        if stop_at_eos:
+            finished.logical_or_(nxt == eos)
+            torch.all(finished, out=done)
+        token.copy_(nxt)
+        out.index_copy_(1, col, nxt[:, None])
+        col.add_(1)
+
+    steps = max(max_new_tokens - 1, 0)
+    if stop_at_eos and steps and bool(finished.all()):
+        steps = 0
+    use_graph = cuda if cuda_graph is None else bool(cuda_graph) and cuda
+    reason = None if use_graph else (eager_reason or ("not on CUDA" if not cuda else "cuda_graph=False"))
+
+    # "all finished" flags, read `lag` steps behind so the host never drains the GPU's queue
+    lag = LAG if cuda else 0
+    flags = torch.zeros(steps + 1, dtype=torch.bool, pin_memory=cuda)
+    events: dict[int, torch.cuda.Event] = {}
+
+    def after(i: int) -> None:
+        if not stop_at_eos:
+            return
+        flags[i].copy_(done, non_blocking=cuda)
+        if cuda:
+            events[i] = torch.cuda.Event()
+            events[i].record()
+
+    def should_stop(i: int) -> bool:
+        """Before step i: did every sequence finish by step i - 1 - lag?"""
+        j = i - 1 - lag
+        if not stop_at_eos or j < 1:
+            return False
+        if cuda:
+            events.pop(j).synchronize()
+            for old in [e for e in events if e < j]:
+                del events[old]
+        return bool(flags[j])
+
+    graph = None
+    ran = 0
+    loop_t0 = None
+    with forward_context(ctx):
+        if steps:
+            if use_graph:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    step()  # decode step 1 doubles as the warm-up: kernels compiled, workspaces allocated
+                torch.cuda.current_stream(device).wait_stream(side)
+            else:
+                step()
+            ran = 1
+            after(1)
+            if use_graph and steps > 1:
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph):
+                        step()
+                except Exception as err:  # noqa: BLE001  (anything not capturable: run eagerly instead)
+                    log.warning("CUDA-graph capture of the decode step failed (%s); decoding eagerly", err)
+                    graph, reason = None, f"capture failed: {type(err).__name__}: {err}"
+            loop_t0 = now_ms(device)
+            info["setup_ms"] = loop_t0 - t_start
+            for i in range(2, steps + 1):
+                if should_stop(i):
+                    break
+                if graph is not None:
+                    graph.replay()
+                else:
+                    step()
+                ran = i
+                after(i)
+    t_end = now_ms(device)
+    for layer in cache.layers:
+        layer.sync_seen()
+
+    columns = ran + 1
+    generated = [row[:columns] for row in out.tolist()]
+    new_tokens = _new_tokens(generated, eos, columns, stop_at_eos)
+    info.update(
+        mode="graph" if graph is not None else "eager",
+        reason=None if graph is not None else reason,
+        steps=ran,
+        loop_ms=(t_end - loop_t0) if loop_t0 is not None else 0.0,
+        loop_steps=max(ran - 1, 0),
+    )
+    del graph  # frees the graph's memory pool with the function's buffers
+    return [row[:new_tokens] for row in generated], new_tokens, t_end

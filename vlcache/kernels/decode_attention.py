@@ -1,0 +1,288 @@
+"""Decode attention over the ragged compressed cache: one query token per sequence, flash-decoding style.
+
+Each cache layer stores ``k``/``v`` as ``[B, Hkv, capacity, D]`` with the first ``length[b, h]`` entries of
+each row valid (layers, KV heads and sequences keep different numbers). One decode step attends query head
+``hq`` of sequence ``b`` over the valid entries of KV head ``hq // G`` (GQA, ``G = Hq / Hkv``).
+
+Two launches:
+
+1. ``_split_kernel``: grid ``(B·Hkv, NSPLIT)``. A program takes the ``G`` query heads of one KV head (stacked
+   on the M axis of ``tl.dot``, padded to 16, so each key tile read serves the whole group) and one of the
+   ``NSPLIT`` contiguous chunks of that row's *own* valid entries: the chunk size is computed in the kernel
+   from ``length[b, h]``, so ragged rows all spread over every split and the grid stays fixed while the
+   lengths grow (what a CUDA graph needs). Online softmax in float32, logits in the log2 domain (``exp2``).
+   It writes each split's normalised partial output and log-sum-exp (or, with one split, the final output).
+2. ``_combine_kernel``: grid ``(B·Hq,)`` merges the splits' partials with their log-sum-exp weights.
+
+The bytes read are the valid keys and values once (spare capacity is never touched): the floor of a decode
+step's attention is ``2 · Σ length · D · itemsize`` over the memory bandwidth.
+
+``decode_attention`` picks the Triton path for CUDA tensors (and for CPU tensors under
+``TRITON_INTERPRET=1``, where bf16 tiles are upcast to float32 before ``tl.dot``), else a PyTorch fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+__all__ = ["DecodeConfig", "decode_attention", "decode_attention_torch", "num_splits"]
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass
+class DecodeConfig:
+    """Launch parameters. ``waves``: aim for ``waves × SMs`` programs; a split gets at least
+    ``min_keys_per_split`` keys (of the capacity) and there are at most ``max_splits`` splits."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    waves: int = 4
+    min_keys_per_split: int = 128
+    max_splits: int = 64
+
+
+DEFAULT_CONFIG = DecodeConfig()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so that split-K is exercised on the CPU too
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, lse_ptr,
+    Hkv, G, cap, D, NSPLIT, qk_scale,
+    s_qb, s_qh, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_lb, s_lh,
+    s_ob, s_oh, s_os, s_od,
+    s_eb, s_eh,
+    FINAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)  # int64: batch offsets of large caches overflow int32
+    h = (pid_bh % Hkv).to(tl.int64)
+
+    n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int32)
+    n = tl.minimum(tl.maximum(n, 0), cap)
+    # this row's valid entries, cut into NSPLIT chunks of whole key blocks
+    per = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N
+    lo = pid_s * per
+    hi = tl.minimum(lo + per, n)
+
+    gi = tl.arange(0, BLOCK_G)
+    g_ok = gi < G
+    heads = h * G + gi
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(
+        q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd,
+        mask=g_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    if UPCAST:  # interpreter: bf16 tl.dot is wrong there, fp32 is exact
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * s_kb + h * s_kh
+    v_base = v_ptr + b * s_vb + h * s_vh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        ok = cols < hi
+        kt = tl.load(k_base + cols[None, :] * s_kn + d[:, None] * s_kd, mask=ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        vt = tl.load(v_base + cols[:, None] * s_vn + d[None, :] * s_vd, mask=ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        if IEEE:  # fp32 inputs: no tf32 rounding
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has = l_i > 0.0  # an empty split (or an empty row) contributes nothing
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    o_off = b * s_ob + heads[:, None] * s_oh + d[None, :] * s_od
+    if FINAL:
+        tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(o_ptr + o_off + pid_s * s_os, out, mask=g_ok[:, None] & d_ok[None, :])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b * s_eb + heads * s_eh + pid_s, lse, mask=g_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    o_ptr, lse_ptr, out_ptr,
+    Hq, NSPLIT, D,
+    s_ob, s_oh, s_os,
+    s_eb, s_eh,
+    s_xb, s_xh, s_xd,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // Hq).to(tl.int64)
+    h = (pid % Hq).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    s_ok = sp < NSPLIT
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    lse = tl.load(lse_ptr + b * s_eb + h * s_eh + sp, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)  # empty splits: exp2(-inf) = 0
+    total = tl.sum(w, 0)
+    o = tl.load(
+        o_ptr + b * s_ob + h * s_oh + sp[:, None] * s_os + d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b * s_xb + h * s_xh + d * s_xd, res.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor) -> tuple[int, ...]:
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must be [B, Hq, 1, D]; got {tuple(q.shape)}")
+    if k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"k and v must both be [B, Hkv, cap, D]; got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, Hq, _, D = q.shape
+    _, Hkv, cap, Dk = k.shape
+    if k.shape[0] != B or Dk != D or Hq % Hkv:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if tuple(length.shape) != (B, Hkv):
+        raise ValueError(f"length must be [B, Hkv] = [{B}, {Hkv}]; got {tuple(length.shape)}")
+    return B, Hq, Hkv, cap, D
+
+
+def num_splits(
+    B: int, Hkv: int, cap: int, device: torch.device, config: DecodeConfig = DEFAULT_CONFIG
+) -> int:
+    """Splits of the key axis per (sequence, KV head): enough programs to fill the GPU a few times over,
+    chunks of at least ``min_keys_per_split`` keys. Depends on the capacity only, not on the lengths, so a
+    captured graph stays valid as the cache fills."""
+    want = triton.cdiv(config.waves * _sm_count(device), B * Hkv)
+    most = max(1, cap // config.min_keys_per_split)
+    return max(1, min(want, most, config.max_splits))
+
+
+def _decode_attention_triton(q, k, v, length, scale, splits=None, config: DecodeConfig = DEFAULT_CONFIG):
+    B, Hq, Hkv, cap, D = _check(q, k, v, length)
+    G = Hq // Hkv
+    dev = q.device
+    interp = dev.type != "cuda"
+    if interp and not _interpreting():
+        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=dev)
+    if B == 0 or cap == 0:
+        return out.zero_()
+    nsplit = splits or num_splits(B, Hkv, cap, dev, config)
+    block_g = max(16, triton.next_power_of_2(G))
+    block_d = max(16, triton.next_power_of_2(D))
+    final = nsplit == 1
+    if final:
+        o, lse = out, out  # lse never touched
+        s_o = (out.stride(0), out.stride(1), 0, out.stride(3))
+        s_e = (0, 0)
+    else:
+        o = torch.empty(B, Hq, nsplit, D, dtype=torch.float32, device=dev)
+        lse = torch.empty(B, Hq, nsplit, dtype=torch.float32, device=dev)
+        s_o = o.stride()
+        s_e = lse.stride()[:2]
+    _split_kernel[(B * Hkv, nsplit)](
+        q, k, v, length, o, lse,
+        Hkv, G, cap, D, nsplit, float(scale) * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(3),
+        *k.stride(), *v.stride(),
+        length.stride(0), length.stride(1),
+        *s_o, *s_e,
+        FINAL=final, UPCAST=interp, IEEE=interp or q.dtype == torch.float32,
+        BLOCK_G=block_g, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if not final:
+        _combine_kernel[(B * Hq,)](
+            o, lse, out, Hq, nsplit, D,
+            o.stride(0), o.stride(1), o.stride(2),
+            lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1), out.stride(3),
+            BLOCK_S=max(2, triton.next_power_of_2(nsplit)), BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+def decode_attention_torch(q, k, v, length, scale) -> torch.Tensor:
+    """The PyTorch fallback: SDPA over the whole capacity with a per-row length mask (rows of length 0: 0)."""
+    B, Hq, Hkv, cap, D = _check(q, k, v, length)
+    group = Hq // Hkv
+    valid = torch.arange(cap, device=k.device) < length[..., None]  # [B, Hkv, cap]
+    mask = valid.repeat_interleave(group, dim=1)[:, :, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    nonempty = (length > 0).repeat_interleave(group, dim=1)[:, :, None, None]
+    return torch.where(nonempty, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: torch.Tensor,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+    splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over a ragged cache.
+
+    Args:
+        q: ``[B, Hq, 1, D]`` post-RoPE queries (any strides).
+        k, v: ``[B, Hkv, cap, D]`` cache buffers; query head ``h`` uses KV head ``h // (Hq // Hkv)``.
+        length: ``[B, Hkv]`` integer count of valid entries ``[0, length)`` of each row (clamped to ``cap``).
+        scale: logit scale, ``D ** -0.5`` by default.
+        backend: ``"triton"`` or ``"torch"`` to force one; by default CUDA tensors and CPU tensors under
+            ``TRITON_INTERPRET=1`` use Triton, other CPU tensors the PyTorch fallback.
+        splits: number of key-axis splits (Triton; default from ``num_splits``).
+
+    Returns:
+        ``[B, Hq, 1, D]`` in ``q``'s dtype; rows with no valid entry give 0.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend is None:
+        backend = "triton" if (q.is_cuda or _interpreting()) else "torch"
+    if backend == "triton":
+        return _decode_attention_triton(q, k, v, length, scale, splits, config or DEFAULT_CONFIG)
+    if backend == "torch":
+        return decode_attention_torch(q, k, v, length, scale)
+    raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
