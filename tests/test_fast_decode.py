@@ -58,13 +58,14 @@ def _inputs(adapter):
     return adapter.build_inputs(QUESTIONS, [[im] for im in random_images(2, seed=7)])
 
 
-def _early_eos(adapter):
+def _early_eos(adapter, name="full", budget=1.0):
     """Inputs and a copy of the adapter whose EOS is a token both sequences generate, at different steps (so
-    they stop at different times and the batch stops before `STEPS`), found from runs of the simple loop."""
+    they stop at different times and the batch stops before `STEPS`), found from runs of the simple loop under
+    the policy the test compares with."""
     fake = copy.copy(adapter)
     for seed in (1, 2, 3, 7):
         inputs = adapter.build_inputs(QUESTIONS, [[im] for im in random_images(2, seed=seed)])
-        seqs = generate(adapter, policy("full", 1.0), inputs, STEPS).tokens
+        seqs = generate(adapter, policy(name, budget), inputs, STEPS).tokens
         first = [{t: seq.index(t) for t in reversed(seq)} for seq in seqs]
         common = [t for t in first[0] if t in first[1] and first[0][t] != first[1][t]]
         if common:
@@ -92,7 +93,7 @@ def test_cuda_graph_tokens_equal_simple_path(cuda_adapter, name, budget):
 
 @pytest.mark.gpu
 def test_cuda_sequences_stopping_at_different_times(cuda_adapter):
-    fake, inputs, stops_early = _early_eos(cuda_adapter)
+    fake, inputs, stops_early = _early_eos(cuda_adapter, "streamingllm", 0.1)
     ref = generate(fake, policy("streamingllm", 0.1), inputs, STEPS)
     stats = {}
     out = generate_fast(fake, policy("streamingllm", 0.1), inputs, STEPS, stats=stats)
