@@ -14,8 +14,11 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(PY) run.py
 
+# The embedded accuracy-vs-budget sweep (every preset, budgets 1%..100%, four tasks; resumable), then its
+# figures: outputs/sweeps/demo/figures/accuracy_vs_budget.png and the other notebooks' PNGs.
 sweep: $(STAMP)
-	$(PY) run.py -m experiment=demo
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) run.py -m experiment=demo
+	$(PY) scripts/make_figures.py --skip-sweep --results outputs/sweeps/demo --figures outputs/sweeps/demo/figures
 
 # Triton kernels run on the CPU through the interpreter (slowly): only their own tests ask for it; every
 # other test reaches the scoring core's PyTorch form. HF_HUB_OFFLINE: no test may touch the network.

@@ -88,5 +88,5 @@ def load_model(cfg: dict, device: torch.device, seed: int = 0):
         path = cfg.get("path") or cfg["hf_id"]
     adapter = _load(cfg["family"], cfg["source"], path, cfg.get("dtype", "float32"), str(device), seed,
                     cfg.get("device_map"))
-    adapter.weights = "random stand-in" if path is None else "pretrained"  # recorded in metrics.json
+    adapter.weights = "random stand-in" if path is None else f"checkpoint {path}"  # recorded in metrics.json
     return adapter

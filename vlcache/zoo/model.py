@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from vlcache.zoo.processor import IMAGE_SIZE, PATCH_SIZE, IMAGE_TOKEN, build_processor
+from vlcache.zoo.processor import IMAGE_SIZE, IMAGE_TOKEN, PATCH_SIZE, build_processor
 
 
 @dataclass

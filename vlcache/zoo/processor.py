@@ -17,11 +17,15 @@ IMAGE_TOKEN = "<image>"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
 
-# LLaVA-1.5's conversation format: images first, then the question, then the answer.
+# LLaVA-1.5's conversation format: images first, then the question, then the answer. With several images
+# each is labelled "Image k: " (as multi-image LLaVA prompts do), so that the model can name the k-th image.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% set n = message['content'] | selectattr('type', 'equalto', 'image') | list | length %}"
+    "{% set ns = namespace(i=0) %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{% set ns.i = ns.i + 1 %}"
+    "{% if n > 1 %}Image {{ ns.i }}: {% endif %}<image>\n{% endif %}{% endfor %}"
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
     "{% elif message['role'] == 'assistant' %}ASSISTANT: "
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}</s>"
@@ -48,8 +52,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_processor() -> LlavaProcessor:
-    """LLaVA-1.5 geometry: 336 px images, 14 px patches, CLS dropped, so 576 image tokens per image."""
+def build_processor():
+    """A `LlavaProcessor` with LLaVA-1.5 geometry: 336 px images, 14 px patches, CLS dropped, so 576 image
+    tokens per image."""
     # imported here: the tokenizer alone (the training script's need) works on older transformers too
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
