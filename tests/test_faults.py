@@ -118,3 +118,10 @@ def test_prompt_without_image_fails_for_modality_aware_policies(name, tiny_adapt
         generate(tiny_adapter, build_policy(preset(name), 0.5), inputs, 2)
     out = generate(tiny_adapter, build_policy(preset("snapkv"), 0.5), inputs, 2)  # modality-blind: fine
     assert out.image_tokens == [0]
+
+
+def test_engine_choice_is_checked():
+    with pytest.raises(ValueError, match="unknown engine 'turbo'; valid: simple, fast"):
+        validate(_cfg("engine=turbo", "model=tiny_random"))
+    with pytest.raises(ValueError, match="engine=fast needs a CUDA device"):
+        validate(_cfg("engine=fast", "device=cpu", "model=tiny_random"))

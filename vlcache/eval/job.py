@@ -20,6 +20,8 @@ from vlcache.policies.policy import build_policy
 
 log = logging.getLogger(__name__)
 
+ENGINES = ("simple", "fast")
+
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
     return {
@@ -38,7 +40,13 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"budget must be a number in (0, 1] (the fraction of prompt KV entries kept), got {budget!r}")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"unknown engine {cfg.engine!r}; valid: {', '.join(ENGINES)}")
+    if cfg.engine == "fast" and device.type != "cuda":
+        raise ValueError(
+            f"engine=fast needs a CUDA device (device={cfg.device!r} resolves to {device}); use engine=simple"
+        )
     build_policy(OmegaConf.to_container(cfg.policy, resolve=True), float(budget))
     check_model(OmegaConf.to_container(cfg.model, resolve=True))
     check_dataset(OmegaConf.to_container(cfg.dataset, resolve=True))
@@ -84,7 +92,8 @@ def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     adapter = load_model(OmegaConf.to_container(cfg.model, resolve=True), device, cfg.seed)
     policy = build_policy(OmegaConf.to_container(cfg.policy, resolve=True), float(cfg.budget))
-    lm = VLCacheLMM(adapter, policy, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    lm = VLCacheLMM(adapter, policy, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                    engine=cfg.engine)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     limit = cfg.limit if cfg.limit is not None else dataset.get("limit")
     manager = task_manager(dataset)

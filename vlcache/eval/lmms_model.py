@@ -46,6 +46,7 @@ class VLCacheLMM(lmms):
     policy: Policy
     batch_size: int = 8
     max_new_tokens: int | None = None  # overrides the task's generation length when set
+    engine: str = "simple"  # "fast": vlcache.engine.fast_decode (CUDA graphs) instead of the eager loop
     batches: list[BatchRecord] = field(default_factory=list)
     samples: dict[tuple[str, int], SampleRecord] = field(default_factory=dict)
     failures: dict[tuple[str, int], str] = field(default_factory=dict)
@@ -122,7 +123,12 @@ class VLCacheLMM(lmms):
         if not samples:
             return {}
         inputs = self.adapter.build_inputs([s[1] for s in samples], [s[2] for s in samples], max_new)
-        out = generate(self.adapter, self.policy, inputs, max_new)
+        if self.engine == "fast":
+            from vlcache.engine.fast_decode import generate_fast
+
+            out = generate_fast(self.adapter, self.policy, inputs, max_new)
+        else:
+            out = generate(self.adapter, self.policy, inputs, max_new)
         texts = self.adapter.processor.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         self.batches.append(BatchRecord(size=len(samples), output=out))
         kept = out.report.keep_counts.double().mean((0, 2))

@@ -1,19 +1,8 @@
 """lmms-eval hooks of synth_caption: one scene, "Describe the image.", CIDEr over the split (pycocoevalcap,
 as lmms-eval's COCO caption tasks) and exact match against the canonical caption."""
 
+from vlcache.data.hooks import doc_to_target, doc_to_text, doc_to_visual  # noqa: F401
 from vlcache.data.metrics import cider, exact_match
-
-
-def doc_to_visual(doc):
-    return [doc["image"].convert("RGB")]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def doc_to_target(doc):
-    return doc["answer"]
 
 
 def process_results(doc, results):

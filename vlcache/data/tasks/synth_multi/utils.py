@@ -1,21 +1,6 @@
 """lmms-eval hooks of synth_multi: four images in one prompt, "Which image shows the {colour} {shape}?",
 accuracy on the image number (the first number of the reply)."""
 
-from vlcache.data.metrics import first_number
+from vlcache.data.hooks import doc_to_target, doc_to_text, doc_to_visual, number_accuracy  # noqa: F401
 
-
-def doc_to_visual(doc):
-    return [im.convert("RGB") for im in doc["images"]]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def doc_to_target(doc):
-    return doc["answer"]
-
-
-def process_results(doc, results):
-    pred = results[0] if results else ""
-    return {"accuracy": float(first_number(pred) == doc["answer"])}
+process_results = number_accuracy
