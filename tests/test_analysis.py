@@ -294,3 +294,14 @@ def test_wandb_mirror_logs_the_job_figure(fake_results, tmp_path):
 
 def test_frames_are_pandas():
     assert isinstance(analysis.load_jobs([]), pd.DataFrame)
+
+
+def test_notebooks_run_on_the_shipped_embedded_results(tmp_path):
+    """The notebooks' default: the results set `make figures` generates from the embedded suite."""
+    results = Path(__file__).resolve().parent.parent / "results" / "embedded"
+    jobs = analysis.load_jobs(results)
+    assert len(jobs) > 0 and (jobs["status"] == "ok").all()
+    assert set(jobs["dataset"]) == {"synth_docvqa", "synth_caption", "synth_count", "synth_multi"}
+    for nb in notebooks():
+        execute_notebook(nb, env={"VLCACHE_RESULTS": str(results), "VLCACHE_FIGURES": str(tmp_path)})
+        _check_png(tmp_path / f"{nb.stem}.png")
