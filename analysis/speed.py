@@ -53,6 +53,11 @@ def load_bench(source: str | Path | list[dict[str, Any]] | dict[str, Any] = EXAM
                "kv_bytes"} - set(df.columns)
     if missing:
         raise ValueError(f"benchmark rows lack {sorted(missing)}; see analysis/speed.py for the schema")
+    if "path" in df.columns:  # experiments/bench_decode.py marks its rows by path, and baseline as a flag
+        df["baseline"] = [
+            "hf_generate" if path == "transformers" else "vlcache_full" if path == "fast" and pol == "full" else None
+            for path, pol in zip(df["path"], df["policy"])
+        ]
     if "baseline" not in df.columns:
         df["baseline"] = None
     # pandas' string columns hold NaN, not None, for a null baseline
@@ -83,7 +88,8 @@ def speed_table(bench: pd.DataFrame, baseline: str = "hf_generate") -> pd.DataFr
             rec["kv_gib"] = row["kv_bytes"] / GIB
             rec["peak_gib"] = row.get("peak_gpu_bytes", np.nan) / GIB
             for key, name in zip(TIMES, ("prefill", "decode", "e2e")):
-                rec[f"{name}_speedup"] = float(base[key].iloc[0]) / row[key] if len(base) else np.nan
+                # a row without that phase (a decode-only synthetic cache has no prefill) has no speedup
+                rec[f"{name}_speedup"] = float(base[key].iloc[0]) / row[key] if len(base) and row[key] > 0 else np.nan
             rec["kv_fraction"] = row["kv_bytes"] / float(full["kv_bytes"].iloc[0]) if len(full) else np.nan
             out.append(rec)
     return pd.DataFrame(out).set_index(["batch", "prompt_len", "system"])

@@ -305,3 +305,22 @@ def test_notebooks_run_on_the_shipped_embedded_results(tmp_path):
     for nb in notebooks():
         execute_notebook(nb, env={"VLCACHE_RESULTS": str(results), "VLCACHE_FIGURES": str(tmp_path)})
         _check_png(tmp_path / f"{nb.stem}.png")
+
+
+def test_speed_reads_the_decode_benchmark_json():
+    """experiments/bench_decode.py's rows (`path`, a boolean `baseline`) map onto the two baselines."""
+    from analysis.speed import load_bench, speed_table
+
+    common = {"batch": 1, "prompt_len": 2048, "prefill_ms": 50.0, "kv_bytes": 2**28, "device": "GPU"}
+    rows = [
+        {**common, "path": "transformers", "policy": "full", "budget": 1.0, "baseline": True,
+         "decode_ms_per_token": 40.0, "e2e_ms": 4000.0},
+        {**common, "path": "fast", "policy": "full", "budget": 1.0, "baseline": False,
+         "decode_ms_per_token": 8.0, "e2e_ms": 800.0},
+        {**common, "path": "fast", "policy": "vlcache", "budget": 0.1, "baseline": False,
+         "decode_ms_per_token": 5.0, "e2e_ms": 500.0, "kv_bytes": 2**25},
+    ]
+    table = speed_table(load_bench({"rows": rows})).reset_index()
+    row = table[table["policy"] == "vlcache"].iloc[0]
+    assert row["decode_speedup"] == pytest.approx(8.0) and row["e2e_speedup"] == pytest.approx(8.0)
+    assert row["kv_fraction"] == pytest.approx(1 / 8)
