@@ -125,3 +125,26 @@ def test_engine_choice_is_checked():
         validate(_cfg("engine=turbo", "model=tiny_random"))
     with pytest.raises(ValueError, match="engine=fast needs a CUDA device"):
         validate(_cfg("engine=fast", "device=cpu", "model=tiny_random"))
+
+
+def test_a_failing_visual_hook_fails_its_sample_only(tiny_adapter):
+    """Any error while loading a sample's images (not only an undecodable one) is recorded for that sample."""
+    from types import SimpleNamespace
+
+    from conftest import preset, random_images
+
+    from vlcache.eval.lmms_model import VLCacheLMM
+    from vlcache.policies.policy import build_policy
+
+    def visuals(doc):
+        if doc["broken"]:
+            raise OSError("image file vanished")
+        return random_images(1)
+
+    lm = VLCacheLMM(tiny_adapter, build_policy(preset("full"), 1.0), batch_size=2)
+    lm.task_dict = {"t": {"test": [{"broken": False}, {"broken": True}]}}
+    reqs = [SimpleNamespace(args=("Why?", {"max_new_tokens": 2}, visuals, i, "t", "test")) for i in range(2)]
+    answers = lm.generate_until(reqs)
+    assert len(answers) == 2 and answers[1] == ""
+    assert lm.failures == {("t", 1): "OSError: image file vanished"}
+    assert ("t", 0) in lm.samples

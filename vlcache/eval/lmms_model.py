@@ -41,6 +41,16 @@ class SampleRecord:
 
 
 @dataclass
+class _Sample:
+    """One request, prepared: its images loaded, or the error that fails it alone."""
+
+    key: tuple[str, int]  # (task, doc_id)
+    question: str
+    images: list = field(default_factory=list)
+    error: Exception | None = None
+
+
+@dataclass
 class VLCacheLMM(lmms):
     adapter: object
     policy: Policy
@@ -79,50 +89,51 @@ class VLCacheLMM(lmms):
         (corrupt image, over-long prompt, out of memory) costs only itself: it is recorded and answered ''."""
         gen_kwargs = reqs[0].args[1]
         max_new = self.max_new_tokens or int(gen_kwargs.get("max_new_tokens", 32))
-        prepared = [self._prepare(req) for req in reqs]
-        good = [p for p in prepared if p[3] is None]
-        texts: dict[tuple[str, int], str] = {}
+        until = gen_kwargs.get("until")
+        samples = [self._prepare(req) for req in reqs]
+        ready = [s for s in samples if s.error is None]
         try:
-            texts.update(self._run(good, max_new, gen_kwargs.get("until")))
+            answers = self._run(ready, max_new, until)
         except Exception as exc:  # noqa: BLE001 - any failure is retried per sample
-            if len(good) == 1:
-                prepared = [(*good[0][:3], exc)]
+            answers = {}
+            _free_memory()
+            if len(ready) == 1:
+                ready[0].error = exc
             else:
-                log.warning("batch of %d failed (%s): retrying one sample at a time", len(good), exc)
-                _free_memory()
-                for sample in good:
+                log.warning("batch of %d failed (%s): retrying one sample at a time", len(ready), exc)
+                for sample in ready:
                     try:
-                        texts.update(self._run([sample], max_new, gen_kwargs.get("until")))
+                        answers.update(self._run([sample], max_new, until))
                     except Exception as one_exc:  # noqa: BLE001
                         _free_memory()
-                        prepared.append((*sample[:3], one_exc))
-        for key, _, _, error in prepared:
-            if error is not None and key not in texts:
-                log.warning("sample %s failed: %s: %s", key, type(error).__name__, error)
-                self.failures[key] = f"{type(error).__name__}: {error}"
-                texts[key] = ""
-        return [texts[(req.args[4], req.args[3])] for req in reqs]
+                        sample.error = one_exc
+        for sample in samples:
+            if sample.error is not None:
+                log.warning("sample %s failed: %s: %s", sample.key, type(sample.error).__name__, sample.error)
+                self.failures[sample.key] = f"{type(sample.error).__name__}: {sample.error}"
+                answers[sample.key] = ""
+        return [answers[sample.key] for sample in samples]
 
-    def _prepare(self, req: Instance):
-        """(key, question, images, error): loading a sample's images can fail on its own."""
+    def _prepare(self, req: Instance) -> _Sample:
+        """Loads a sample's images, which can fail on their own."""
         context, _, doc_to_visual, doc_id, task, split = req.args
-        key = (task, doc_id)
+        sample = _Sample(key=(task, doc_id), question=context)
         doc = self.task_dict[task][split][doc_id]
         try:
-            visuals = list(doc_to_visual(doc) or [])
-            for im in visuals:
+            sample.images = list(doc_to_visual(doc) or [])
+            for im in sample.images:
                 im.load()
-            return key, context, visuals, None
-        except Exception:  # noqa: BLE001 - a corrupt image fails its sample only
+        except Exception as exc:  # noqa: BLE001 - a corrupt image fails its sample only
             missing = [k for k, v in doc.items() if v is None or (isinstance(v, list) and None in v)]
-            if missing:  # safe_images turned an undecodable image into None
-                exc = ValueError(f"undecodable image in column(s) {', '.join(missing)}")
-            return key, context, [], exc
+            # safe_images turned an undecodable image into None: say so rather than the hook's AttributeError
+            sample.error = ValueError(f"undecodable image in column(s) {', '.join(missing)}") if missing else exc
+            sample.images = []
+        return sample
 
-    def _run(self, samples: list, max_new: int, until) -> dict[tuple[str, int], str]:
+    def _run(self, samples: list[_Sample], max_new: int, until) -> dict[tuple[str, int], str]:
         if not samples:
             return {}
-        inputs = self.adapter.build_inputs([s[1] for s in samples], [s[2] for s in samples], max_new)
+        inputs = self.adapter.build_inputs([s.question for s in samples], [s.images for s in samples], max_new)
         if self.engine == "fast":
             from vlcache.engine.fast_decode import generate_fast
 
@@ -134,8 +145,8 @@ class VLCacheLMM(lmms):
         kept = out.report.keep_counts.double().mean((0, 2))
         answers = {}
         for b, sample in enumerate(samples):
-            answers[sample[0]] = _cut_at_stop(texts[b], until).strip()
-            self.samples[sample[0]] = SampleRecord(
+            answers[sample.key] = _cut_at_stop(texts[b], until).strip()
+            self.samples[sample.key] = SampleRecord(
                 prompt_tokens=out.prompt_tokens[b],
                 image_tokens=out.image_tokens[b],
                 kept_tokens=float(kept[b]),
