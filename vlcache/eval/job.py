@@ -164,16 +164,14 @@ def _engine_metrics(lm, wall_s: float) -> dict[str, Any]:
         return {"n_samples": 0, "wall_s": wall_s}
     gen_tokens = sum(sum(len(t) for t in o.tokens) for o in outs)
     total_ms = sum(o.e2e_ms for o in outs)
-    kept = sum(float(o.report.keep_counts.sum()) for o in outs)
-    full = sum(float(o.report.prompt_lengths.sum()) * o.report.keep_counts.shape[0] * o.report.keep_counts.shape[2]
-               for o in outs)
+    # kept entries per layer, and the prompt entries one layer holds (per KV head), over all batches
     layer_kept = sum(o.report.keep_counts.double().sum((1, 2)) for o in outs)
     layer_full = sum(float(o.report.prompt_lengths.sum()) * o.report.keep_counts.shape[2] for o in outs)
     sparsity = [o.report.sparsity for o in outs if o.report.sparsity is not None]
     peaks = [o.peak_gpu_bytes for o in outs if o.peak_gpu_bytes is not None]
     return {
         "n_samples": n,
-        "realised_budget": kept / full,
+        "realised_budget": float(layer_kept.sum()) / (layer_full * len(layer_kept)),
         "layer_budgets": (layer_kept / layer_full).tolist(),
         "layer_sparsity": torch.cat(sparsity, 1).mean(1).tolist() if sparsity else None,
         "clamped": sum(o.report.clamped for o in outs),
