@@ -61,7 +61,8 @@ def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     try:
-        if cfg.device == "auto" and hc.mode == RunMode.MULTIRUN and gpu_count() > 1:
+        one_gpu = not cfg.model.get("device_map")  # a model split with device_map uses every GPU itself
+        if cfg.device == "auto" and hc.mode == RunMode.MULTIRUN and gpu_count() > 1 and one_gpu:
             with hold_gpu(gpu_count()) as index:  # one job per GPU (hydra/launcher=gpus)
                 cfg.device = f"cuda:{index}"
                 metrics = run_job(cfg, job_dir)

@@ -10,6 +10,9 @@ count (576 for LLaVA-1.5, 2,928 for LLaVA-NeXT at 672x672, 3,699 for OneVision a
 
     python experiments/real_size_check.py [--budget 0.1] [--models llava15_7b,qwen2_vl_7b] [--layers 34b=40]
 
+With `--device-map`, each model is split over every visible GPU (accelerate's balanced map, as
+`model.device_map=auto` does for a real checkpoint) and the JSON is `real_size_check_split.json`.
+
 Prints one table and writes `real_size_check.json` to $OUT (or the current folder). Measured = the cache's
 kept bytes after compression (`CompressedCache.kept_bytes`); promise = budget · full bytes, except `full` (all
 of it), LOOK-M (its text keys on top: k + text keys outside the recent window, per head) and PyramidKV (its
@@ -192,17 +195,39 @@ def promised_entries(name: str, cfg: dict, budget: float, m: int, text_keys: int
 # -- the check ---------------------------------------------------------------------------------------------------
 def sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        for index in range(torch.cuda.device_count()):  # every GPU of a model split with --device-map
+            torch.cuda.synchronize(index)
+
+
+def split_over_gpus(model):
+    """accelerate's balanced device map over every visible GPU (what `from_pretrained(device_map="auto")` does),
+    applied to a model built on cuda:0: each decoder layer, and so its cache layer, moves to its own GPU."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    keep_whole = model._no_split_modules
+    memory = get_balanced_memory(model, no_split_module_classes=keep_whole, dtype=torch.bfloat16)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=keep_whole,
+                                       dtype=torch.bfloat16)
+    return dispatch_model(model, device_map=device_map), device_map
 
 
 def check_model(name: str, budget: float, presets: dict, layers: int | None, device: str = "cuda",
-                vision_layers: int | None = None) -> list[dict]:
+                vision_layers: int | None = None, device_map: bool = False) -> list[dict]:
     family, (h, w), text, vision = MODELS[name]
     processor = processor_for(family)
     t0 = time.time()
     model = build_model(family, text, vision, processor.tokenizer, layers, device, vision_layers)
+    gpus = "1"
+    if device_map:
+        model, placement = split_over_gpus(model)
+        used = sorted({d for d in placement.values() if isinstance(d, int)})
+        gpus = ",".join(map(str, used))
+        print(f"[real_size_check] {name}: split over GPUs {gpus}: "
+              + ", ".join(f"cuda:{d} {sum(1 for v in placement.values() if v == d)} modules" for d in used),
+              flush=True)
     build_s = time.time() - t0
-    adapter = ADAPTERS[family](model, processor, device)
+    adapter = ADAPTERS[family](model, processor, None if device_map else device)
     inputs = adapter.build_inputs([QUESTION], [[random_image(h, w)]])
     info = adapter.prompt_info(inputs)
     m, n_image = int(info.lengths[0]), int(info.image_mask.sum())
@@ -211,7 +236,7 @@ def check_model(name: str, budget: float, presets: dict, layers: int | None, dev
     for pname in PRESETS:
         cfg = presets[pname]
         row = dict(model=name, family=family, layers=num_layers, kv_heads=heads, prompt_tokens=m,
-                   image_tokens=n_image, policy=pname, budget=budget, build_s=round(build_s, 1))
+                   image_tokens=n_image, policy=pname, budget=budget, build_s=round(build_s, 1), gpus=gpus)
         try:
             sync(device)
             t1 = time.time()
@@ -231,6 +256,8 @@ def check_model(name: str, budget: float, presets: dict, layers: int | None, dev
                 ok=abs(out.kv_bytes_kept / promise_bytes - 1) <= 0.01,
                 prefill_ms=out.prefill_ms, compress_ms=out.compress_ms, decode_ms_per_token=out.decode_ms_per_token,
                 new_tokens=out.new_tokens, peak_gb=(out.peak_gpu_bytes or 0) / 2**30, wall_s=time.time() - t1,
+                peak_gb_per_gpu=[round(torch.cuda.max_memory_allocated(i) / 2**30, 2)
+                                 for i in range(torch.cuda.device_count())],
             )
         except Exception as exc:  # noqa: BLE001 - one failing preset is a result, not the end of the check
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:])
@@ -274,6 +301,8 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=540, help="seconds: skip models not started by then")
     parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a smoke test with --layers)")
     parser.add_argument("--vision-layers", type=int, default=None, help="smoke tests: a shallower vision tower")
+    parser.add_argument("--device-map", action="store_true",
+                        help="split each model over every visible GPU (accelerate's balanced device map)")
     parser.add_argument("--dump-presets", action="store_true", help="write real_size_presets.json and exit")
     args = parser.parse_args()
     if args.dump_presets:
@@ -291,19 +320,21 @@ def main() -> None:
         print(f"[real_size_check] {name} ...", flush=True)
         try:
             rows += check_model(name, args.budget, presets, layers.get(name), args.device,
-                                args.vision_layers)
+                                args.vision_layers, args.device_map)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be built or prompted: recorded
             family = MODELS[name][0]
             rows.append(dict(model=name, family=family, layers=layers.get(name) or MODELS[name][2].get(
                 "num_hidden_layers", 0), kv_heads=0, prompt_tokens=0, image_tokens=0, policy="*", status="failed",
                 error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-3000:]))
             free_memory()
-        (out_dir / "real_size_check.json").write_text(json.dumps(
+        (out_dir / ("real_size_check_split.json" if args.device_map else "real_size_check.json")).write_text(json.dumps(
             dict(device=device_name, budget=args.budget, torch=torch.__version__,
                  transformers=__import__("transformers").__version__, reduced_layers=layers, skipped=skipped,
+                 device_map=args.device_map, gpu_count=torch.cuda.device_count(),
                  rows=rows), indent=1))
-    print(f"\ndevice: {device_name}; budget {args.budget}; random bf16 weights; reduced layers: {layers or 'none'}; "
-          f"skipped (time): {skipped or 'none'}")
+    split = f"split over {torch.cuda.device_count()} GPUs; " if args.device_map else ""
+    print(f"\ndevice: {device_name}; {split}budget {args.budget}; random bf16 weights; "
+          f"reduced layers: {layers or 'none'}; skipped (time): {skipped or 'none'}")
     print(table(rows))
     bad = [r for r in rows if r["status"] != "ok" or not r.get("ok")]
     print(f"\n{len(rows) - len(bad)}/{len(rows)} runs ok (no error, kept bytes within 1% of the promise)")

@@ -85,9 +85,11 @@ def vlcache_attention(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     cache_layer = ctx.cache.layers[layer_idx]
     if not cache_layer.compressed:
+        mask = ctx.prefill_mask
+        if mask is not None and mask.device != query.device:  # a model split with device_map: this layer's GPU
+            mask = mask.to(query.device)
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=ctx.prefill_mask, is_causal=ctx.prefill_mask is None, scale=scale,
-            enable_gqa=True,
+            query, key, value, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
         )
         if ctx.on_prefill is not None:
             ctx.on_prefill(layer_idx, query, key)

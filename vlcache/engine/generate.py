@@ -74,7 +74,9 @@ def prefill_and_compress(adapter, policy: Policy, inputs: dict[str, torch.Tensor
         logits, positions = adapter.prefill(inputs, info, cache)
     t1 = now_ms(device)
     report = policy.compress(cache)
-    kept_positions = [(layer.positions - info.pad[:, None, None]).clamp(min=-1) for layer in cache.layers]
+    # each layer on its own device when the model is split with device_map
+    kept_positions = [(layer.positions - info.pad.to(layer.positions.device)[:, None, None]).clamp(min=-1)
+                      for layer in cache.layers]
     kv_kept, kv_alloc = cache.kept_bytes(), cache.nbytes()
     t2 = now_ms(device)
 

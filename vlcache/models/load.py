@@ -69,7 +69,10 @@ def _load(family: str, source: str, path: str | None, dtype: str, device: str, s
         placement = {"device_map": device_map} if device_map else {}
         model = model_class.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa", **placement)
         processor = AutoProcessor.from_pretrained(path)
-    if device_map and source == "hf":
+    if device_map and path is not None:  # split over the visible GPUs: inputs go to the input embedding's device
+        placement = getattr(model, "hf_device_map", {})
+        log.info("model split over %s: %s", sorted({str(d) for d in placement.values()}),
+                 {str(d): sum(1 for v in placement.values() if v == d) for d in set(placement.values())})
         return adapter(model.eval(), processor, None)
     model = model.to(device=dev, dtype=torch_dtype).eval()
     return adapter(model, processor, dev)
