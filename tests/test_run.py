@@ -51,6 +51,11 @@ def test_sweep_writes_results_and_resumes(tmp_path, tasks):
         expected = 1.0 if metrics["policy"] == "full" or metrics["budget"] == 1.0 else 0.1
         assert abs(metrics["realised_budget"] - expected) < 0.02
     assert answers[("streamingllm", 1.0)] == answers[("full", 1.0)]
+    # `full` ignores the budget: the sweep computes it once and writes that result for the other budget
+    full = [json.loads((job / "metrics.json").read_text()) for job in jobs if "policy=full" in job.name]
+    reused = [m.get("reused_from") for m in full]
+    assert sorted(map(bool, reused)) == [False, True]
+    assert answers[("full", 0.1)] == answers[("full", 1.0)]
     stamps = {job: (job / "metrics.json").stat().st_mtime_ns for job in jobs}
 
     again = run(*args)

@@ -233,6 +233,34 @@ def test_torch_fallback_chunks():
     _check(b, ref, near)
 
 
+@pytest.mark.parametrize("chunk_elems", [1, 500, 1 << 20], ids=["row", "small", "default"])
+def test_torch_fallback_partial_masks(chunk_elems):
+    """Without a threshold the fallback masks only the key columns some row of a chunk cannot see and skips
+    the keys no row reaches: left padding, a hole in the keys, a sequence with no valid key, rows before
+    their sequence's first valid key and rows past the last key must still match the definition."""
+    gen = torch.Generator().manual_seed(43)
+    B, Hq, Hkv, Nq, Nk, D = 4, 6, 2, 40, 64, 32
+    q, k = _inputs(gen, B, Hq, Hkv, Nq, Nk, D, torch.float32)
+    kv = torch.arange(Nk).view(1, -1) >= torch.tensor([0, 5, 13, 0]).view(-1, 1)  # left padding
+    kv[0, 30:33] = False  # a hole
+    kv[3] = False  # nothing valid
+    q_pos = torch.arange(Nk - Nq, Nk).expand(B, Nq).clone()
+    q_pos[1, :6] = -1  # ragged row set
+    q_pos[2, :3] = torch.tensor([2, 7, 12])  # before the first valid key (13): sees nothing
+    q_pos[0, -2:] = Nk + 5  # past the last key: sees every valid key
+    q_pos[3, -1] = Nk + 2  # ... but none in a sequence without valid keys
+    ref = attention_scores_reference(q, k, q_pos, key_valid=kv)
+    out = attention_scores_torch(q, k, q_pos, key_valid=kv, max_chunk_elems=chunk_elems)
+    _check(out, ref, None)
+    assert (out.col.permute(1, 0, 2)[:, ~kv] == 0).all()
+    # the full-mask path (taken with a threshold) agrees
+    full = attention_scores_torch(q, k, q_pos, key_valid=kv, threshold=0.1, max_chunk_elems=chunk_elems)
+    torch.testing.assert_close(out.col, full.col, rtol=1e-5, atol=1e-6)
+    causal = torch.arange(Nq).expand(B, Nq)  # causal rows over a prefix of the keys, nothing padded
+    ref = attention_scores_reference(q, k, causal)
+    _check(attention_scores_torch(q, k, causal, max_chunk_elems=chunk_elems), ref, None)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows(backend):
     q = torch.randn(1, 2, 0, 64)

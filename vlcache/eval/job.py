@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,10 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
             group=job_dir.parent.name, name=job_dir.name,
         )
     try:
-        metrics = evaluate(cfg, job_dir)
+        metrics = _reuse_budget_free(cfg, job_dir)
+        if metrics is None:
+            metrics = evaluate(cfg, job_dir)
+            _remember_budget_free(cfg, job_dir, metrics)
     except BaseException:
         if mirror is not None:
             mirror.finish(failed=True)
@@ -76,6 +80,44 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         mirror.log(metrics, results.read_samples(job_dir))
         mirror.log_figures(job_dir)
         mirror.finish()
+    return metrics
+
+
+# Results of budget-free jobs computed in this process, keyed by everything in the config but the budget (and
+# the output location): `full` keeps every entry whatever the budget, so a sweep over budgets (Hydra's basic
+# launcher runs its jobs one after another in one process) evaluates it once per model and task and writes that
+# result again for the other budgets rather than recomputing identical answers (`make sweep`: 24 of 252 jobs).
+_BUDGET_FREE: dict[str, tuple[Path, dict[str, Any], list[dict[str, Any]]]] = {}
+_OUTPUT_KEYS = ("budget", "force", "logger", "output_root", "sweep_name")
+
+
+def _budget_free_key(cfg: DictConfig) -> str | None:
+    """The reuse key of a job whose result cannot depend on the budget, else None. That is a `keep_all` policy
+    (every prompt entry kept) whose decode rule never evicts (`append`): `fixed_point` and `rolling` evict
+    during decoding by the budget even when the prompt was kept whole."""
+    if not cfg.policy.get("keep_all") or cfg.policy.decode.get("name") != "append":
+        return None
+    conf = OmegaConf.to_container(cfg, resolve=True)
+    return json.dumps({k: v for k, v in conf.items() if k not in _OUTPUT_KEYS}, sort_keys=True, default=str)
+
+
+def _remember_budget_free(cfg: DictConfig, job_dir: Path, metrics: dict[str, Any]) -> None:
+    key = _budget_free_key(cfg)
+    if key is not None and metrics.get("status") == "ok":
+        _BUDGET_FREE[key] = (job_dir, metrics, results.read_samples(job_dir))
+
+
+def _reuse_budget_free(cfg: DictConfig, job_dir: Path) -> dict[str, Any] | None:
+    """Writes the result of an identical budget-free job run earlier in this process into `job_dir` (its own
+    identity, `reused_from` naming the job that computed it, whose timings it keeps); None if there is none."""
+    key = _budget_free_key(cfg)
+    if key is None or key not in _BUDGET_FREE:
+        return None
+    source, metrics, samples = _BUDGET_FREE[key]
+    log.info("%s ignores the budget: reusing the result of %s", cfg.policy.name, source)
+    results.write_samples(job_dir, samples)
+    metrics = {**metrics, **identity(cfg), "reused_from": str(source)}
+    results.write_metrics(job_dir, metrics)
     return metrics
 
 
@@ -129,11 +171,19 @@ def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         "failed_samples": [{"doc_id": k[1], "error": v} for k, v in lm.failures.items()],
         "model_weights": adapter.weights,
         "device": _device_name(device),
-        "versions": {p: version(p) for p in ("torch", "transformers", "lmms_eval", "vlcache")},
+        "versions": {p: _version(p) for p in ("torch", "transformers", "lmms_eval", "vlcache")},
         "python": platform.python_version(),
     }
     results.write_metrics(job_dir, metrics)
     return metrics
+
+
+def _version(package: str) -> str:
+    """The installed version; a source checkout run without `pip install` (PYTHONPATH) has no metadata."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed (source tree)"
 
 
 def _sample_row(sample: dict, record, error: str | None) -> dict[str, Any]:
