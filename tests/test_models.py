@@ -173,7 +173,7 @@ def _yamls(group: str) -> dict[str, dict]:
 
 
 REAL_MODELS = {k: v for k, v in _yamls("model").items() if v["source"] == "hf"}
-REAL_DATASETS = {k: v for k, v in _yamls("dataset").items() if v["source"] == "lmms_eval"}
+REAL_DATASETS = {k: v for k, v in _yamls("dataset").items() if v.get("source") == "lmms_eval"}  # aliases: no keys
 
 
 def test_real_model_configs():

@@ -112,6 +112,10 @@ def test_real_model_and_dataset_offline_fail_fast_with_the_fix():
         validate(_cfg("dataset=docvqa_val", "model=tiny_random"))
     with pytest.raises(MissingResource, match=r"does not exist"):
         validate(_cfg("model=llava15_7b", "model.path=/nonexistent/llava"))
+    # the brief's main command names `dataset=docvqa`: DocVQA validation, failing the same way offline
+    assert _cfg("dataset=docvqa").dataset.task == "docvqa_val"
+    with pytest.raises(MissingResource, match=r"lmms-lab-encoder/DocVQA.*dataset.path="):
+        validate(_cfg("dataset=docvqa", "policy=vlcache", "budget=0.1"))
 
 
 def test_missing_embedded_task_names_the_valid_ones(tasks):

@@ -121,6 +121,15 @@ def _reuse_budget_free(cfg: DictConfig, job_dir: Path) -> dict[str, Any] | None:
     return metrics
 
 
+# conf/policy/full.yaml as Hydra composes it (tests/test_reference.py keeps the two equal): the reference of
+# `reference_metrics`, built inside a job whatever its own policy
+FULL_POLICY = {
+    "name": "full", "granularity": "kv_head", "sinks": 0, "recent": 0, "keep_all": True,
+    "postvision_fallback": False, "scorer": {"name": "recency"}, "allocator": {"name": "uniform"},
+    "reducer": {"name": "evict"}, "decode": {"name": "append"},
+}
+
+
 def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import get_task_dict
@@ -134,8 +143,11 @@ def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     adapter = load_model(OmegaConf.to_container(cfg.model, resolve=True), device, cfg.seed)
     policy = build_policy(OmegaConf.to_container(cfg.policy, resolve=True), float(cfg.budget))
+    full = None
+    if cfg.get("reference_metrics"):  # Elastic Cache's protocol: the full cache's answer is the reference
+        full = build_policy(json.loads(json.dumps(FULL_POLICY)), 1.0)
     lm = VLCacheLMM(adapter, policy, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    engine=cfg.engine)
+                    engine=cfg.engine, reference_policy=full)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     limit = cfg.limit if cfg.limit is not None else dataset.get("limit")
     manager = task_manager(dataset)
@@ -167,6 +179,7 @@ def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         "accuracy": scores.get(dataset["metric"]),
         "metric": dataset["metric"],
         **_engine_metrics(lm, time.time() - started),
+        **_reference_metrics(lm),
         "n_failed_samples": len(lm.failures),
         "failed_samples": [{"doc_id": k[1], "error": v} for k, v in lm.failures.items()],
         "model_weights": adapter.weights,
@@ -204,6 +217,19 @@ def _sample_row(sample: dict, record, error: str | None) -> dict[str, Any]:
         row.update(vars(record))
     row["error"] = error
     return row
+
+
+def _reference_metrics(lm) -> dict[str, Any]:
+    """Means over samples of the per-sample scores against the full cache's answer (`reference_metrics`)."""
+    if lm.reference_policy is None:
+        return {}
+    records = list(lm.samples.values())
+
+    def mean(key: str) -> float | None:
+        values = [getattr(r, key) for r in records if getattr(r, key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {"reference_metrics": {"ppl_vs_full": mean("ppl_vs_full"), "rouge_l_vs_full": mean("rouge_l_vs_full")}}
 
 
 def _engine_metrics(lm, wall_s: float) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from vlcache.engine.generate import GenerationOutput, generate
+from vlcache.engine.reference import perplexity, reference_nll
 from vlcache.policies.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ class SampleRecord:
     batch_prefill_ms: float
     batch_decode_ms_per_token: float
     batch_e2e_ms: float
+    # reference_metrics (Elastic Cache's protocol): the full cache's answer, the perplexity of its tokens under
+    # this job's compressed cache (teacher forcing), and the ROUGE-L F1 of this job's answer against it
+    full_answer: str | None = None
+    ppl_vs_full: float | None = None
+    rouge_l_vs_full: float | None = None
 
 
 @dataclass
@@ -57,6 +63,7 @@ class VLCacheLMM(lmms):
     batch_size: int = 8
     max_new_tokens: int | None = None  # overrides the task's generation length when set
     engine: str = "simple"  # "fast": vlcache.engine.fast_decode (CUDA graphs) instead of the eager loop
+    reference_policy: Policy | None = None  # the full cache: set to score every answer against its answer
     batches: list[BatchRecord] = field(default_factory=list)
     samples: dict[tuple[str, int], SampleRecord] = field(default_factory=dict)
     failures: dict[tuple[str, int], str] = field(default_factory=dict)
@@ -140,13 +147,24 @@ class VLCacheLMM(lmms):
             out = generate_fast(self.adapter, self.policy, inputs, max_new)
         else:
             out = generate(self.adapter, self.policy, inputs, max_new)
-        texts = self.adapter.processor.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        decode = self.adapter.processor.tokenizer.batch_decode
+        texts = decode(out.tokens, skip_special_tokens=True)
         self.batches.append(BatchRecord(size=len(samples), output=out))
         kept = out.report.keep_counts.double().mean((0, 2))
+        reference = [{} for _ in samples]
+        if self.reference_policy is not None:
+            full = generate(self.adapter, self.reference_policy, inputs, max_new)
+            full_texts = decode(full.tokens, skip_special_tokens=True)
+            nll = reference_nll(self.adapter, self.policy, inputs, full.tokens)
+            for b, ref in enumerate(reference):
+                ref["full_answer"] = _cut_at_stop(full_texts[b], until).strip()
+                ref["ppl_vs_full"] = perplexity(*nll[b])
+                ref["rouge_l_vs_full"] = rouge_l(_cut_at_stop(texts[b], until).strip(), ref["full_answer"])
         answers = {}
         for b, sample in enumerate(samples):
             answers[sample.key] = _cut_at_stop(texts[b], until).strip()
             self.samples[sample.key] = SampleRecord(
+                **reference[b],
                 prompt_tokens=out.prompt_tokens[b],
                 image_tokens=out.image_tokens[b],
                 kept_tokens=float(kept[b]),
@@ -172,6 +190,16 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin, 2004) of `answer` against `reference`, as Google's rouge-score computes it (Elastic
+    Cache's ROUGE-L F1); equal strings agree fully, also when they hold no word rouge-score counts."""
+    from rouge_score import rouge_scorer
+
+    if answer.strip() == reference.strip():
+        return 1.0
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, answer)["rougeL"].fmeasure
 
 
 def _cut_at_stop(text: str, until) -> str:

@@ -1,0 +1,13 @@
+"""lmms-eval hooks of milebench_egocentricnavigation (vlcache/data/milebench.py): MileBench
+dataset EgocentricNavigation."""
+
+from vlcache.data.milebench import (  # noqa: F401
+    dataset_mean,
+    doc_to_target,
+    doc_to_text,
+    doc_to_visual,
+    docs_loader,
+    process_results,
+)
+
+process_docs = docs_loader(['EgocentricNavigation'])

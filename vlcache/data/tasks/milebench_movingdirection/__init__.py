@@ -1,0 +1,1 @@
+"""Package data (listed so that setuptools ships it)."""
