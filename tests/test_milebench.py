@@ -80,9 +80,13 @@ def test_prompt_has_instruction_choices_and_image_references(release):
     docs = mb.load_docs(release, ["ActionLocalization"])
     assert [d["id"] for d in docs] == ["ActionLocalization-0", "ActionLocalization-1"]
     text = mb.doc_to_text(docs[1])
-    assert text == ("ActionLocalization instruction one.\n<Image 1>  then <Image 2>  then <Image 3>  Question: "
+    assert text == ("ActionLocalization instruction one.\n<image> then <image> then <image> Question: "
                     "which?\nChoice list: \nA. red apple\nB. green pear\nC. blue sky\nD. yellow sun\n"
                     "Your answer is: ")
+    # a context that does not name each image once: MileBench's references, the images going first
+    odd = dict(docs[1], context=docs[1]["context"].replace("{image#3}", "{image#1}"))
+    assert mb.doc_to_text(odd).startswith("ActionLocalization instruction one.\n<Image 1>  then <Image 2>  then "
+                                          "<Image 1>  Question: ")
     (gpr,) = mb.load_docs(release, ["GPR1200"])
     assert mb.doc_to_text(gpr).endswith("Which matches?\nChoice list: \nx1\nx2\nx3\nYour answer is: ")
     (iedit,) = mb.load_docs(release, ["IEdit"])

@@ -104,6 +104,23 @@ def test_image_spans_equal_what_the_processor_inserted(tiny, inputs):
     assert info.image_mask.sum(1).tolist() == expected
 
 
+def test_images_at_their_place_in_the_question(tiny):
+    """`<image>` in a question puts each image there (interleaved prompts, MileBench); the spans are what the
+    processor inserts for those images, with the question's text before, between and after them."""
+    question = "Compare the first picture <image> with the second <image> in one word."
+    ids = tiny.build_inputs([question], [images()])["input_ids"]
+    info = tiny.prompt_info(tiny.build_inputs([question], [images()]))
+    expected = tiny.processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in SIZES])["num_image_tokens"]
+    spans = info.image_spans()[0]
+    assert [end - start for start, end in spans] == expected
+    text = tiny.processor.tokenizer.decode(ids[0, spans[0][1]: spans[1][0]], skip_special_tokens=True)
+    assert "with the second" in text
+    assert "in one word" in tiny.processor.tokenizer.decode(ids[0, spans[1][1]:], skip_special_tokens=True)
+    assert "first picture" in tiny.processor.tokenizer.decode(ids[0, : spans[0][0]], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="names 2 <image> places for 1 image"):
+        tiny.build_inputs([question], [images()[:1]])
+
+
 def test_positions(tiny, inputs):
     """1-D models decode from the prompt length; M-RoPE models from length + rope_delta (< length: an image of
     h x w merged tokens advances the position by max(h, w))."""

@@ -7,9 +7,10 @@ Layout of the release (MileBench/MileBench `generate.py`, `evaluate.py`): `<root
 `<root>/<Dataset>/images/`. The folder comes from `dataset.path`, exported as `$MILEBENCH_DIR`.
 
 Prompt: MileBench's (`utils.py`, as LOOK-M runs it): task instruction, newline, context, then for multi-choice
-"\\nChoice list: \\n" + "A. ..." lines (GPR1200: the options without letters) + "\\nYour answer is: ". vlcache's
-adapters put a prompt's images first, in order, so the placeholders become MileBench's own text references for
-images not at their place (its `combine_image` mode): "<Image i> ".
+"\\nChoice list: \\n" + "A. ..." lines (GPR1200: the options without letters) + "\\nYour answer is: ". Each
+image goes at its placeholder (`<image>`, which vlcache's adapters expand in place: images inside the text);
+a context that does not name each image exactly once gets MileBench's references for images not at their place
+(its `combine_image` mode), "<Image i> ", with the images first.
 
 Scoring: a port of `evaluate.py` (LOOK-M's copy, SUSTechBruce/LOOK-M): needle sets (Text/ImageNeedleInAHaystack:
 the answer is a word of the reply; MMCoQA: a substring), open-ended: ROUGE-L F of the `rouge` package,
@@ -28,6 +29,7 @@ import re
 from pathlib import Path
 
 ENV = "MILEBENCH_DIR"
+IMAGE_PLACE = "<image>"  # vlcache.models.adapter: each image of the prompt goes where the text names it
 
 TEMPORAL = {
     "t1": ["ActionLocalization", "ActionPrediction", "ActionSequence"],
@@ -128,9 +130,14 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs=None) -> str:
         context += "\nChoice list: \n" + "\n".join(
             (f"{chr(65 + i)}. " if letters else "") + f"{c}" for i, c in enumerate(doc["choice_list"])
         ) + "\nYour answer is: "
-    for i in range(len(doc["images"])):
-        context = context.replace(f"{{image#{i + 1}}}", f"<Image {i + 1}> ")
-        context = context.replace(f"{{table#{i + 1}}}", f"<Image {i + 1}> ")
+    n = len(doc["images"])
+    marks = [(f"{{image#{i + 1}}}", f"{{table#{i + 1}}}") for i in range(n)]
+    # each image at its place when the context names each image once; else MileBench's references for images not
+    # at their place, the images going first
+    in_place = n > 0 and all(context.count(a) + context.count(b) == 1 for a, b in marks)
+    for i, (image, table) in enumerate(marks):
+        ref = IMAGE_PLACE if in_place else f"<Image {i + 1}> "
+        context = context.replace(image, ref).replace(table, ref)
     return doc["instruction"] + "\n" + context
 
 

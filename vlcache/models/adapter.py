@@ -19,6 +19,8 @@ from PIL import Image
 from vlcache.engine.attention import use_vlcache_attention
 from vlcache.models.prompt import PromptInfo
 
+IMAGE_PLACE = "<image>"  # in a question: where one of its images goes (interleaved prompts, e.g. MileBench)
+
 
 class PromptTooLong(ValueError):
     """A prompt (plus the tokens to generate) longer than the model's position range."""
@@ -56,15 +58,27 @@ class VLMAdapter:
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     # -- prompts -------------------------------------------------------------------------------------------
+    @property
+    def image_marker(self) -> str:
+        """The text the processor expands into one image's tokens."""
+        return self.processor.image_token
     def chat_prompt(self, question: str, num_images: int) -> str:
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+        """The chat-template prompt: the images first, then the question; or, when the question names a place
+        for each image with `<image>` (lmms-eval's convention for interleaved prompts), each image there."""
+        places = question.count(IMAGE_PLACE)
+        if places and places != num_images:
+            raise ValueError(f"the prompt names {places} {IMAGE_PLACE} places for {num_images} image(s)")
+        if places:  # chat templates may gather image items first: the processor's own in-text marker instead
+            content = [{"type": "text", "text": question.replace(IMAGE_PLACE, self.image_marker)}]
+        else:
+            content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
         messages = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def build_inputs(
         self, questions: list[str], images: list[list[Image.Image]], max_new_tokens: int = 0
     ) -> dict[str, torch.Tensor]:
-        """Left-padded inputs for a batch: images first, then the question.
+        """Left-padded inputs for a batch: images first, then the question (or each image at its `<image>`).
 
         Raises `PromptTooLong` when a prompt plus its answer would run past the model's positions."""
         texts = [self.chat_prompt(q, len(ims)) for q, ims in zip(questions, images)]

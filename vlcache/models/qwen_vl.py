@@ -34,6 +34,11 @@ class Qwen2VLAdapter(VLMAdapter):
         self.vision_start_token_id = model.config.vision_start_token_id
         self.vision_end_token_id = model.config.vision_end_token_id
 
+    @property
+    def image_marker(self) -> str:
+        """What Qwen's chat template writes for one image: its pad token between the vision start and end."""
+        return f"<|vision_start|>{self.processor.image_token}<|vision_end|>"
+
     def prompt_info(self, inputs: dict[str, torch.Tensor]) -> PromptInfo:
         return PromptInfo.from_ids(
             inputs["input_ids"], inputs["attention_mask"], self.image_token_id,
