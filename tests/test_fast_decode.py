@@ -105,14 +105,58 @@ def test_cuda_sequences_stopping_at_different_times(cuda_adapter):
 
 @pytest.mark.gpu
 def test_cuda_evicting_rule_falls_back_to_eager(cuda_adapter):
-    """StreamingLLM's rolling cache evicts per token: eager steps, reserved buffers, the Triton kernel."""
+    """Without its graph-safe update, StreamingLLM's rolling cache evicts per token eagerly: eager steps,
+    reserved buffers, the Triton kernel."""
     inputs = _inputs(cuda_adapter)
     ref = generate(cuda_adapter, policy("streamingllm", 0.1, decode="rolling"), inputs, STEPS)
     stats = {}
     rolling = policy("streamingllm", 0.1, decode="rolling")
-    out = generate_fast(cuda_adapter, rolling, inputs, STEPS, stats=stats)
-    assert stats["mode"] == "eager" and "evicts per token" in stats["reason"]
+    out = generate_fast(cuda_adapter, rolling, inputs, STEPS, stats=stats, graph_safe_rules=False)
+    assert stats["mode"] == "eager" and "evicts per token" in stats["reason"] and stats["rule_update"] == "eager"
     assert out.tokens == ref.tokens
+
+
+# the per-token rules with a graph-safe update: preset, decode rule
+PER_TOKEN = [("h2o", "h2o"), ("elastic", "fixed_point"), ("streamingllm", "rolling")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "decode"), PER_TOKEN)
+def test_cuda_graph_captures_per_token_rules(cuda_adapter, name, decode):
+    """H2O, Elastic's fixed point and StreamingLLM's rolling cache inside the captured step."""
+    inputs = _inputs(cuda_adapter)
+    ref = generate(cuda_adapter, policy(name, 0.1, decode=decode), inputs, STEPS)
+    stats = {}
+    out = generate_fast(cuda_adapter, policy(name, 0.1, decode=decode), inputs, STEPS, stats=stats,
+                        graph_safe_rules=True)
+    assert stats["mode"] == "graph" and stats["rule_update"] == "static", stats
+    assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "decode"), PER_TOKEN)
+def test_cuda_graph_safe_rules_do_not_sync(cuda_adapter, name, decode):
+    """The graph-safe update never waits for the GPU: CUDA's sync debug mode turns any synchronising call into
+    an error (after an append, in every layer, twice)."""
+    from vlcache.engine.generate import prefill_and_compress
+
+    pol = policy(name, 0.1, decode=decode)
+    pre = prefill_and_compress(cuda_adapter, pol, _inputs(cuda_adapter))
+    for layer in pre.cache.layers:
+        layer.reserve(int(layer.length.max()) + 4)
+    pol.decode_rule.prepare_static(pre.cache)
+    hq = cuda_adapter.text_config.num_attention_heads
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            for layer_idx, layer in enumerate(pre.cache.layers):
+                k = layer.keys[:, :, :1].clone()
+                layer.update(k, k)
+                q = torch.randn(k.shape[0], hq, 1, k.shape[-1], device=k.device)
+                pol.decode_rule.on_token_static(layer_idx, q, pre.cache)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 # -- CPU: the same path, eagerly -----------------------------------------------------------------------------
@@ -131,10 +175,48 @@ def test_cpu_eager_tokens_equal_simple_path(cpu_adapter, name, budget, decode, m
     inputs = _inputs(cpu_adapter)
     ref = generate(cpu_adapter, policy(name, budget, decode=decode), inputs, 6)
     stats = {}
-    out = generate_fast(cpu_adapter, policy(name, budget, decode=decode), inputs, 6, stats=stats)
+    out = generate_fast(cpu_adapter, policy(name, budget, decode=decode), inputs, 6, stats=stats,
+                        graph_safe_rules=True)
     assert stats["mode"] == "eager"
     assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens
     assert stats["kv_bytes_reserved"] > out.kv_bytes_allocated  # reserved once, max_new_tokens of room
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("budget", [0.1, 0.3, 1.0])
+@pytest.mark.parametrize(("name", "decode"), PER_TOKEN)
+def test_cpu_graph_safe_rules_tokens_equal_simple_path(cpu_adapter, name, decode, budget, batch):
+    """The graph-safe per-token updates, run eagerly: the simple loop's tokens (batch 3: three prompt lengths)."""
+    questions = QUESTIONS + ["How many?"] if batch == 3 else QUESTIONS
+    inputs = cpu_adapter.build_inputs(questions, [[im] for im in random_images(batch, seed=7)])
+    ref = generate(cpu_adapter, policy(name, budget, decode=decode), inputs, STEPS)
+    stats = {}
+    out = generate_fast(cpu_adapter, policy(name, budget, decode=decode), inputs, STEPS, stats=stats,
+                        graph_safe_rules=True)
+    assert stats["rule_update"] == ("static" if budget < 1 else None)
+    assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens
+
+
+def test_embedded_model_graph_safe_rules_tokens_equal_simple_path():
+    """The trained embedded model on a few synth samples (its greedy answers are not one repeated token)."""
+    from vlcache.data import generators
+    from vlcache.models.load import embedded_checkpoint, load_model
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "embedded.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    if embedded_checkpoint(cfg) is None:
+        pytest.skip("no embedded checkpoint")
+    adapter = load_model(cfg, torch.device("cpu"))
+    samples = [generators()[task]("test", i) for task in ("synth_docvqa", "synth_count") for i in range(2)]
+    inputs = adapter.build_inputs([s["question"] for s in samples], [[s["image"]] for s in samples])
+    for name, decode in PER_TOKEN:
+        for budget in (0.1, 0.3):
+            ref = generate(adapter, policy(name, budget, decode=decode), inputs, 16)
+            stats = {}
+            out = generate_fast(adapter, policy(name, budget, decode=decode), inputs, 16, stats=stats,
+                                graph_safe_rules=True)
+            assert stats["rule_update"] == "static"
+            assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens, (name, budget)
 
 
 def test_cpu_sequences_stopping_at_different_times(cpu_adapter, monkeypatch):

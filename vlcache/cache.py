@@ -140,6 +140,24 @@ class CompressedLayer(CacheLayerMixin):
         self.positions = self.positions.gather(2, src)
         self.length = self.length - active.long()
 
+    def drop_(self, start: torch.Tensor, count: torch.Tensor) -> None:
+        """In place, graph-safe `remove`: deletes entries `[start[b, h], start[b, h] + count[b, h])` of each row
+        (`count` 0: nothing), shifting later entries left within the fixed capacity, and decrements `length` in
+        place.
+
+        Fixed shapes and no host reads, and the storage is never re-allocated (a captured CUDA graph keeps
+        pointing at it): what the fast decode path's per-token rules need. Entries keep their order, so the
+        result equals `count` successive `remove(start, count > 0)` calls on the valid entries.
+        """
+        cap = self.capacity
+        j = torch.arange(cap, device=self.device)
+        src = torch.where(j >= start[..., None], (j + count[..., None]).clamp(max=cap - 1), j)
+        # gather into a temporary, then copy back: the source and destination rows overlap
+        self.keys.copy_(self.keys.gather(2, src[..., None].expand_as(self.keys)))
+        self.values.copy_(self.values.gather(2, src[..., None].expand_as(self.values)))
+        self.positions.copy_(self.positions.gather(2, src))
+        self.length.sub_(count.to(self.length.dtype))
+
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (the physical storage, spare room included)."""
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()

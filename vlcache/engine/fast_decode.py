@@ -15,14 +15,17 @@
    never waits for the CPU, and the result is cut where the simple loop would have stopped.
 
 Decode rules that evict per token (`acts_per_token`: h2o, fixed_point, rolling, when active, i.e. budget < 1)
-reallocate and read lengths on the host inside `on_token`: they are not graph-safe, so they run the same step
-eagerly (still with reserved buffers and the Triton kernel). On the CPU everything runs eagerly, with the
-kernel's PyTorch fallback.
+reallocate and read lengths on the host inside `on_token`. Those that provide a graph-safe form of the update
+(`prepare_static` + `on_token_static`, vlcache/policies/decode_rules.py: fixed-shape, in-place device ops on the
+reserved buffers) run it inside the captured step instead; any other such rule (or `graph_safe_rules=False`)
+runs the same step eagerly (still with reserved buffers and the Triton kernel). On the CPU everything runs
+eagerly, with the kernel's PyTorch fallback (the graph-safe updates included).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -40,6 +43,12 @@ LAG = 2  # CUDA: the host reads the "all finished" flag of the step this many st
 def _evicts_per_token(policy: Policy) -> bool:
     rule = policy.decode_rule
     return bool(rule.acts_per_token and getattr(rule, "active", True))
+
+
+def _graph_safe_rule(policy: Policy) -> bool:
+    """Whether the decode rule has a graph-safe per-token update (`prepare_static` and `on_token_static`)."""
+    rule = policy.decode_rule
+    return callable(getattr(rule, "prepare_static", None)) and callable(getattr(rule, "on_token_static", None))
 
 
 def _new_tokens(generated: list[list[int]], eos: int, ran: int, stop_at_eos: bool) -> int:
@@ -62,24 +71,40 @@ def generate_fast(
     cuda_graph: bool | None = None,
     stop_at_eos: bool = True,
     stats: dict | None = None,
+    graph_safe_rules: bool = False,
 ) -> GenerationOutput:
     """Greedy decoding of a left-padded batch, as `generate`, on the fast path.
 
     Args:
         cuda_graph: capture and replay the decode step (default: on CUDA, unless the decode rule evicts per
-            token).
+            token and has no graph-safe update).
         stop_at_eos: False runs all `max_new_tokens` steps whatever is generated (benchmarks); the tokens are
             still cut at EOS.
-        stats: filled by `decode_fast` with how decoding ran.
+        stats: filled by `decode_fast` with how decoding ran; `rule_update` says which per-token update ran
+            ("static": the graph-safe one, "eager": `on_token`, None: the rule does not act per token).
+        graph_safe_rules: use a per-token rule's graph-safe update when it has one, inside the captured step.
+            Off by default until a GPU run has checked capture and replay (tests/test_fast_decode.py, marked
+            gpu); False runs the rule's eager `on_token` without a graph, as verified on the GPU.
     """
     pre = prefill_and_compress(adapter, policy, inputs)
-    use_graph, reason = cuda_graph, None
-    if _evicts_per_token(policy) and cuda_graph is not False:
-        use_graph = False
-        reason = f"decode rule {type(policy.decode_rule).__name__} evicts per token (not graph-safe)"
+    use_graph, reason, on_reserved, update = cuda_graph, None, None, None
+    if _evicts_per_token(policy):
+        rule = policy.decode_rule
+        if graph_safe_rules and _graph_safe_rule(policy):
+            # the same update in fixed-shape, in-place device ops: it can be part of the captured step
+            pre.ctx.on_decode = lambda layer_idx, query: rule.on_token_static(layer_idx, query, pre.cache)
+            on_reserved, update = rule.prepare_static, "static"
+        else:
+            update = "eager"
+            if cuda_graph is not False:
+                use_graph = False
+                reason = f"decode rule {type(rule).__name__} evicts per token (not graph-safe)"
+    if stats is not None:
+        stats["rule_update"] = update
     generated, new_tokens, t_end = decode_fast(
         adapter, pre.cache, pre.ctx, pre.logits.argmax(-1), pre.positions, max_new_tokens,
         t_start=pre.t_decode, cuda_graph=use_graph, eager_reason=reason, stop_at_eos=stop_at_eos, stats=stats,
+        on_reserved=on_reserved,
     )
     return build_output(adapter, pre, generated, new_tokens, t_end - pre.t_decode)
 
@@ -98,6 +123,7 @@ def decode_fast(
     eager_reason: str | None = None,
     stop_at_eos: bool = True,
     stats: dict | None = None,
+    on_reserved: Callable[[CompressedCache], None] | None = None,
 ) -> tuple[list[list[int]], int, float]:
     """Greedy decoding from a filled (compressed) cache: `token` `[B]` is the first generated token (from the
     prefill's logits), `positions` `[B]` its position. Reserves the cache, then runs `max_new_tokens - 1`
@@ -107,6 +133,8 @@ def decode_fast(
     that count, and the host clock (ms) at the end. `stats` gets: `mode` ("graph" or "eager"), `reason` (why
     eager), `steps` (decode steps run), `setup_ms` (from `t_start`: reserve, warm-up step, capture),
     `loop_ms` and `loop_steps` (the steps after the first: the steady state), `kv_bytes_reserved`.
+    `on_reserved(cache)` is called once after the buffers are reserved, before the first step (a graph-safe
+    decode rule sizes its state to them there).
     """
     device = adapter.device
     cuda = device.type == "cuda"
@@ -118,6 +146,8 @@ def decode_fast(
     kept = torch.stack([layer.length.amax() for layer in cache.layers]).tolist()  # one host sync
     for layer, k in zip(cache.layers, kept):
         layer.reserve(int(k) + max_new_tokens)
+    if on_reserved is not None:
+        on_reserved(cache)
     info["kv_bytes_reserved"] = cache.nbytes()
     ctx.fast_decode = True
 

@@ -3,6 +3,15 @@
 Rules that evict call `on_token` in every layer after the new token's entry was appended and attended, and
 delete with `CompressedLayer.remove` (later entries shift left). At budget 1 they do nothing: a full budget
 keeps everything, so every preset reproduces the uncompressed model there.
+
+The fast decode path (vlcache/engine/fast_decode.py) captures a decode step in a CUDA graph, which `on_token`
+cannot be part of (it re-allocates the storage and reads lengths on the host). Rules that evict per token
+therefore also provide a graph-safe form of the same update: `prepare_static(cache)`, called once after the
+cache was reserved (`CompressedLayer.reserve`), sizes the rule's state to the reserved buffers; then
+`on_token_static` does what `on_token` does with fixed-shape device ops only, in place (`CompressedLayer.drop_`):
+no `.item()`/`.tolist()`/`bool(tensor)`, no data-dependent shapes, no re-allocation, the token count read from
+`seen_device`. Entries keep their order (deletion shifts later entries left, as `remove` does), because the
+rules' semantics depend on it (recent windows, Elastic's queue, StreamingLLM's consecutive positions).
 """
 
 from __future__ import annotations
@@ -33,6 +42,28 @@ def _shift_out(t: torch.Tensor, index: torch.Tensor, active: torch.Tensor) -> to
     j = torch.arange(cap, device=t.device).expand_as(t)
     src = torch.where(active[..., None] & (j >= index[..., None]), (j + 1).clamp(max=cap - 1), j)
     return t.gather(-1, src)
+
+
+def _drop_block(t: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """`t` (`[B, H, cap]`) without slots `[start, start + count)` of each row, as `CompressedLayer.drop_` does."""
+    cap = t.shape[-1]
+    j = torch.arange(cap, device=t.device)
+    return t.gather(-1, torch.where(j >= start[..., None], (j + count[..., None]).clamp(max=cap - 1), j))
+
+
+def decode_row_scores(query: torch.Tensor, keys: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """`[B, Hkv, cap]` float32: the decode query's attention over each row's first `length` entries, summed over
+    the query heads of each KV head (what `kernels.attention_scores` returns as `col` for one decode row).
+
+    Fixed shapes and no host reads (the scoring core's PyTorch fallback sizes its chunks on the host), in the
+    fallback's order of operations: scale on q, float32 product, masked softmax, sum over the group.
+    """
+    b, h, cap, d = keys.shape
+    q = query.float().reshape(b, h, query.shape[1] // h, d) * d**-0.5
+    logits = torch.matmul(q, keys.float().transpose(-1, -2))  # [B, Hkv, group, cap]
+    valid = torch.arange(cap, device=keys.device) < length[..., None]
+    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(2)
 
 
 @register(DECODE_RULES, "h2o")
@@ -90,6 +121,47 @@ class H2O(DecodeRule):
         live = torch.arange(cap, device=s.device) < layer.length[..., None]
         self.scores[layer_idx] = torch.where(live, s, 0.0)  # freed slots restart at 0 for the next token
 
+    def prepare_static(self, cache: CompressedCache) -> None:
+        """Graph-safe form, step 1: scores padded to the reserved capacity once (new slots start at 0, as the
+        growth in `on_token` does), and per-layer copies of the keep counts and windows on each layer's
+        device (no copies inside the captured step)."""
+        if not self.active:
+            return
+        self.static_keep, self.static_recent = [], []
+        for layer_idx, layer in enumerate(cache.layers):
+            s = self.scores[layer_idx]
+            b, h, k = s.shape
+            self.scores[layer_idx] = torch.cat([s, s.new_zeros(b, h, max(layer.capacity - k, 0))], -1)
+            self.static_keep.append(self.keep[layer_idx].to(layer.device))
+            self.static_recent.append(self.recent[layer_idx].to(layer.device)[:, None, None])
+
+    def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
+        """Graph-safe `on_token` (H2O, Zhang et al. 2023, Algorithm 1): the same running scores and victim,
+        computed for every row and applied where the row is over its keep count (`count` 0 elsewhere) instead
+        of behind a host-side `any()`; scores and entries updated in place.
+
+        `first = min(sinks, cap - 1)` with the reserved capacity gives the eager value: the capacity is at
+        least `max keep + 2` on both paths while rows never exceed `keep + 1` entries, so the clamp only binds
+        where it yields `n - 1` on both.
+        """
+        if not self.active:
+            return
+        layer = cache.layers[layer_idx]
+        cap = layer.capacity
+        s = self.scores[layer_idx]
+        s.add_(decode_row_scores(query, layer.keys, layer.length))
+        n = layer.length[..., None]
+        slot = torch.arange(cap, device=s.device)
+        first = min(self.sinks, cap - 1)
+        candidate = (slot >= first) & (slot < n - self.static_recent[layer_idx])
+        victim = torch.where(candidate, s, torch.inf).argmin(-1)
+        # no candidate (the protected tokens fill the cache): drop the oldest non-sink entry
+        victim = torch.where(candidate.any(-1), victim, (layer.length - 1).clamp(max=first))
+        count = (layer.length > self.static_keep[layer_idx]).long()
+        s.copy_(_drop_block(s, victim, count))
+        layer.drop_(victim, count)
+        s.masked_fill_(slot >= layer.length[..., None], 0.0)  # freed slots restart at 0 for the next token
+
 
 @register(DECODE_RULES, "fixed_point")
 class FixedPoint(DecodeRule):
@@ -129,6 +201,32 @@ class FixedPoint(DecodeRule):
         while bool((over := layer.length > limit).any()):
             layer.remove(index, over)
             index = torch.minimum(index, layer.length - 1)
+
+    def prepare_static(self, cache: CompressedCache) -> None:
+        """Graph-safe form, step 1: the prompt lengths and `N_tl` on each layer's device."""
+        if not self.active:
+            return
+        self.static_lengths = [self.info.lengths.to(layer.device) for layer in cache.layers]
+        self.static_n_tl = [self.n_tl[i].to(layer.device) for i, layer in enumerate(cache.layers)]
+
+    def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
+        """Graph-safe `on_token` (Elastic Cache, Liu et al. 2024, fixed-point elimination): the eager loop's
+        deletions as one block, so no host-side `while`.
+
+        The loop deletes at `index = min(N_tl, n - 1)` until the row holds `limit` entries, re-clamping the
+        index to the new end: with `e = n - limit` deletions that is the contiguous block
+        `[min(index, n - e), ... + e)` (the `e` entries from `N_tl` on, or the last `e` when fewer follow it).
+        The token count comes from `seen_device` (a replayed graph does not advance the Python `seen`).
+        """
+        if not self.active:
+            return
+        layer = cache.layers[layer_idx]
+        seen = (self.static_lengths[layer_idx] + (layer.seen_device - self.info.m)).double()
+        limit = torch.ceil(self.budget * seen - 1e-9).long()[:, None]
+        n = layer.length
+        excess = (n - limit).clamp(min=0)
+        index = torch.minimum(self.static_n_tl[layer_idx], n - 1)
+        layer.drop_(torch.minimum(index, n - excess).clamp(min=0), excess)
 
 
 @register(DECODE_RULES, "rolling")
@@ -188,4 +286,33 @@ class Rolling(DecodeRule):
         target = self.base[layer_idx][..., None] + slot + steps
         moved = shift_rope(self.sink_keys[layer_idx], target - self.sink_pos[layer_idx], self.rotary)
         keep = (slot < torch.minimum(layer.length, self.keep[layer_idx])[..., None])[..., None]
+        layer.keys[:, :, :s] = torch.where(keep, moved.to(layer.dtype), layer.keys[:, :, :s])
+
+    def prepare_static(self, cache: CompressedCache) -> None:
+        """Graph-safe form, step 1: the per-layer state on each layer's device."""
+        if not self.active:
+            return
+        devices = [layer.device for layer in cache.layers]
+        self.static_keep = [self.keep[i].to(d) for i, d in enumerate(devices)]
+        self.static_base = [self.base[i].to(d)[..., None] for i, d in enumerate(devices)]
+        self.static_sinks = [torch.full_like(layer.length, self.sinks) for layer in cache.layers]
+
+    def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
+        """Graph-safe `on_token` (StreamingLLM, Xiao et al. 2024, rolling cache): the oldest non-sink entry
+        deleted by an in-place shift (order matters here: slot `i` sits at position `base + i`, so the later
+        entries must stay consecutive), then the sinks re-rotated from their float32 originals to the next
+        positions, written in place; the step count comes from `seen_device`."""
+        if not self.active:
+            return
+        layer = cache.layers[layer_idx]
+        over = (layer.length > self.static_keep[layer_idx]).long()
+        layer.drop_(torch.minimum(self.static_sinks[layer_idx], layer.length - 1), over)
+        s = self.sink_keys[layer_idx].shape[2]
+        if s == 0:  # a Python int (the sink count), not a tensor value
+            return
+        steps = layer.seen_device - self.info.m  # tokens generated so far, this one included
+        slot = torch.arange(s, device=layer.keys.device)
+        target = self.static_base[layer_idx] + slot + steps
+        moved = shift_rope(self.sink_keys[layer_idx], target - self.sink_pos[layer_idx], self.rotary)
+        keep = (slot < torch.minimum(layer.length, self.static_keep[layer_idx])[..., None])[..., None]
         layer.keys[:, :, :s] = torch.where(keep, moved.to(layer.dtype), layer.keys[:, :, :s])
