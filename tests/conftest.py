@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +11,15 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in a fresh process, offline, output captured."""
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, env={**os.environ, **CLI_ENV},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def random_images(n: int, seed: int | None = None) -> list[Image.Image]:

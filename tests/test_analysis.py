@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +12,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from fixture_task import write_fixture_task
 from omegaconf import OmegaConf
 from PIL import Image
@@ -248,12 +246,10 @@ def sweep_results(tmp_path_factory):
     """A real sweep: tiny_random on the fixture task, 2 policies × (a budget, and one that fails)."""
     tmp = tmp_path_factory.mktemp("sweep")
     tasks = write_fixture_task(tmp / "tasks", n=2)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
     args = ["-m", "model=tiny_random", "policy=full,streamingllm", "budget=0.5,7", f"dataset.task_dir={tasks}",
             "dataset.task=fixture_qa", "dataset.name=fixture_qa", "dataset.metric=exact_match", "limit=2",
             "max_new_tokens=2", f"output_root={tmp / 'out'}", "sweep_name=nb"]
-    result = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "out" / "sweeps" / "nb", result.stderr
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CLI_ENV
 from fixture_task import write_fixture_task
 from test_run import FIXTURE, ROOT, _cfg, run
 
@@ -23,9 +24,8 @@ def test_kill_and_resume_rewrites_nothing(tmp_path):
     tasks = write_fixture_task(tmp_path / "tasks", n=4)
     args = ["-m", "policy=full,streamingllm", "budget=0.2,0.6,1.0", f"dataset.task_dir={tasks}", *FIXTURE,
             f"output_root={tmp_path}", "sweep_name=k"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env={**os.environ, **CLI_ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sweep = tmp_path / "sweeps" / "k"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(sweep.glob("*/metrics.json"))) < 2:

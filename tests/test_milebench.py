@@ -2,13 +2,11 @@
 (hand-checked against MileBench's evaluate.py rules), and the missing-data error."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -142,11 +140,8 @@ def test_missing_release_fails_fast_naming_the_fix(tmp_path):
 
 
 def test_run_py_evaluates_a_column(tmp_path, release):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    result = subprocess.run(
-        [sys.executable, "run.py", "model=tiny_random", "dataset=milebench_t1", f"dataset.path={release}",
-         "max_new_tokens=4", "policy=streamingllm", "budget=0.5", f"output_root={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_cli("model=tiny_random", "dataset=milebench_t1", f"dataset.path={release}", "max_new_tokens=4",
+                     "policy=streamingllm", "budget=0.5", f"output_root={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     (job,) = (tmp_path / "runs").iterdir()
     metrics = json.loads((job / "metrics.json").read_text())

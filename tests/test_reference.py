@@ -72,21 +72,15 @@ def test_reference_metrics_job(tmp_path):
     """`reference_metrics=true`: every sample is scored against the full cache's answer, which is what a `full`
     job answers; a `full` job agrees with itself fully."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
+    from conftest import run_cli
     from fixture_task import write_fixture_task
 
-    root = Path(__file__).resolve().parent.parent
     tasks = write_fixture_task(tmp_path / "tasks", n=5)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
     args = ["-m", "policy=full,streamingllm", "budget=0.2", "reference_metrics=true", f"dataset.task_dir={tasks}",
             "dataset.task=fixture_qa", "dataset.name=fixture_qa", "dataset.metric=exact_match", "model=tiny_random",
             f"output_root={tmp_path}", "sweep_name=s"]
-    done = subprocess.run([sys.executable, "run.py", *args], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = run_cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = {dict(kv.split("=") for kv in p.name.split(","))["policy"]: p
             for p in (tmp_path / "sweeps" / "s").iterdir() if p.is_dir()}

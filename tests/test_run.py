@@ -1,12 +1,10 @@
 """run.py end to end: result files, sweeps named by overrides, resume, failures, bad input."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as run
 from fixture_task import write_fixture_task
 from hydra import compose, initialize_config_dir
 
@@ -16,12 +14,6 @@ from vlcache.models.hub import MissingResource
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ["dataset.task=fixture_qa", "dataset.name=fixture_qa", "dataset.metric=exact_match",
            "model=tiny_random"]
-
-
-def run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
 
 
 @pytest.fixture(scope="module")

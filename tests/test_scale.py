@@ -2,12 +2,10 @@
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from fixture_task import write_fixture_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,13 +49,11 @@ def test_device_map_auto_job_matches_the_one_device_job(tmp_path):
     CPU here; split over GPUs on a multi-GPU machine, see experiments/scale_check.sh) and answers as before."""
     pytest.importorskip("accelerate")
     tasks = write_fixture_task(tmp_path / "tasks", n=4)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
     common = ["policy=snapkv", "budget=0.5", f"dataset.task_dir={tasks}", "dataset.task=fixture_qa",
               "dataset.name=fixture_qa", "dataset.metric=exact_match", f"output_root={tmp_path}"]
     answers = []
     for extra in ([], ["model.device_map=auto"]):
-        done = subprocess.run([sys.executable, "run.py", *common, *extra], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+        done = run_cli(*common, *extra)
         assert done.returncode == 0, done.stderr[-3000:]
         job = tmp_path / "runs" / ",".join(sorted(
             [o for o in common if not o.startswith(("output_root", "dataset.task_dir"))] + extra))

@@ -68,10 +68,11 @@ def run_job(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
             group=job_dir.parent.name, name=job_dir.name,
         )
     try:
-        metrics = _reuse_budget_free(cfg, job_dir)
+        key = _budget_free_key(cfg)
+        metrics = _reuse_budget_free(key, cfg, job_dir)
         if metrics is None:
             metrics = evaluate(cfg, job_dir)
-            _remember_budget_free(cfg, job_dir, metrics)
+            _remember_budget_free(key, job_dir, metrics)
     except BaseException:
         if mirror is not None:
             mirror.finish(failed=True)
@@ -101,16 +102,14 @@ def _budget_free_key(cfg: DictConfig) -> str | None:
     return json.dumps({k: v for k, v in conf.items() if k not in _OUTPUT_KEYS}, sort_keys=True, default=str)
 
 
-def _remember_budget_free(cfg: DictConfig, job_dir: Path, metrics: dict[str, Any]) -> None:
-    key = _budget_free_key(cfg)
+def _remember_budget_free(key: str | None, job_dir: Path, metrics: dict[str, Any]) -> None:
     if key is not None and metrics.get("status") == "ok":
         _BUDGET_FREE[key] = (job_dir, metrics, results.read_samples(job_dir))
 
 
-def _reuse_budget_free(cfg: DictConfig, job_dir: Path) -> dict[str, Any] | None:
+def _reuse_budget_free(key: str | None, cfg: DictConfig, job_dir: Path) -> dict[str, Any] | None:
     """Writes the result of an identical budget-free job run earlier in this process into `job_dir` (its own
     identity, `reused_from` naming the job that computed it, whose timings it keeps); None if there is none."""
-    key = _budget_free_key(cfg)
     if key is None or key not in _BUDGET_FREE:
         return None
     source, metrics, samples = _BUDGET_FREE[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cache
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
@@ -148,7 +149,7 @@ class VLCacheLMM(lmms):
         else:
             out = generate(self.adapter, self.policy, inputs, max_new)
         decode = self.adapter.processor.tokenizer.batch_decode
-        texts = decode(out.tokens, skip_special_tokens=True)
+        texts = [_cut_at_stop(t, until).strip() for t in decode(out.tokens, skip_special_tokens=True)]
         self.batches.append(BatchRecord(size=len(samples), output=out))
         kept = out.report.keep_counts.double().mean((0, 2))
         reference = [{} for _ in samples]
@@ -159,10 +160,10 @@ class VLCacheLMM(lmms):
             for b, ref in enumerate(reference):
                 ref["full_answer"] = _cut_at_stop(full_texts[b], until).strip()
                 ref["ppl_vs_full"] = perplexity(*nll[b])
-                ref["rouge_l_vs_full"] = rouge_l(_cut_at_stop(texts[b], until).strip(), ref["full_answer"])
+                ref["rouge_l_vs_full"] = rouge_l(texts[b], ref["full_answer"])
         answers = {}
         for b, sample in enumerate(samples):
-            answers[sample.key] = _cut_at_stop(texts[b], until).strip()
+            answers[sample.key] = texts[b]
             self.samples[sample.key] = SampleRecord(
                 **reference[b],
                 prompt_tokens=out.prompt_tokens[b],
@@ -195,11 +196,16 @@ def _free_memory() -> None:
 def rouge_l(answer: str, reference: str) -> float:
     """ROUGE-L F1 (Lin, 2004) of `answer` against `reference`, as Google's rouge-score computes it (Elastic
     Cache's ROUGE-L F1); equal strings agree fully, also when they hold no word rouge-score counts."""
-    from rouge_score import rouge_scorer
-
     if answer.strip() == reference.strip():
         return 1.0
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, answer)["rougeL"].fmeasure
+    return _rouge_l_scorer().score(reference, answer)["rougeL"].fmeasure
+
+
+@cache
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
 
 
 def _cut_at_stop(text: str, until) -> str:
