@@ -35,6 +35,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -43,6 +44,8 @@ from transformers import MistralConfig, MistralForCausalLM
 from vlcache.cache import CompressedCache
 from vlcache.engine.attention import ForwardContext, use_vlcache_attention
 from vlcache.engine.fast_decode import decode_fast, generate_fast
+from vlcache.engine.fused_decode import FusedDecoder
+from vlcache.engine.generate import generate
 from vlcache.kernels.decode_attention import DEFAULT_CONFIG, DecodeConfig, decode_attention
 from vlcache.models.adapter import LlavaAdapter
 from vlcache.policies.policy import build_policy
@@ -51,44 +54,9 @@ IMAGE_TOKEN = 32000
 QUESTION = 50  # post-vision tokens (VL-Cache's scoring window in the paper's speed runs)
 TEXT_PREFIX = 16
 
-_PARTS = dict(
-    reducer={"name": "evict"}, decode={"name": "append"}, granularity="kv_head", postvision_fallback=False
-)
-POLICIES = {
-    "full": dict(
-        name="full",
-        scorer={"name": "recency"},
-        allocator={"name": "uniform"},
-        sinks=0,
-        recent=0,
-        keep_all=True,
-        **_PARTS,
-    ),
-    "streamingllm": dict(
-        name="streamingllm",
-        scorer={"name": "recency"},
-        allocator={"name": "uniform"},
-        sinks=4,
-        recent=0,
-        keep_all=False,
-        **_PARTS,
-    ),
-    "vlcache": dict(
-        name="vlcache",
-        scorer={"name": "postvision", "fallback_window": 32},
-        allocator={
-            "name": "sparsity",
-            "p": 0.01,
-            "min_fraction": 0.01,
-            "max_fraction": 1.0,
-            "fallback_window": 32,
-        },
-        sinks=0,
-        recent=0.1,
-        keep_all=False,
-        **_PARTS,
-    ),
-}
+PRESETS = json.loads((Path(__file__).with_name("real_size_presets.json")).read_text())  # conf/policy, resolved
+# VL-Cache's scoring window in the paper's speed runs: the last 50 prompt tokens (the question here)
+PRESETS["vlcache"]["scorer"]["fallback_window"] = QUESTION
 
 
 class TextAdapter(LlavaAdapter):
@@ -134,11 +102,11 @@ def model_config(tiny: bool, max_positions: int) -> MistralConfig:
     )
 
 
-def build_model(cfg: MistralConfig, device: torch.device) -> MistralForCausalLM:
-    """Random bf16 weights, made on the device (normal(0, 0.02) matrices, unit norms: never zeros)."""
+def build_model(cfg: MistralConfig, device: torch.device, dtype=torch.bfloat16) -> MistralForCausalLM:
+    """Random weights, made on the device (normal(0, 0.02) matrices, unit norms: never zeros)."""
     torch.manual_seed(0)
     saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = MistralForCausalLM(cfg)
@@ -233,15 +201,23 @@ def run_transformers(model, inputs, new_tokens, repeats, device) -> dict:
     )
 
 
-def run_fast(adapter, name, budget, inputs, new_tokens, repeats, device) -> dict:
-    generate_fast(adapter, build_policy(POLICIES[name], budget), inputs, 4, stop_at_eos=False)  # warm-up
+WARMED: set = set()
+
+
+def run_fast(adapter, name, budget, inputs, new_tokens, repeats, device, fused=None, check=False) -> dict:
+    """`generate_fast` end to end (graph-safe per-token rules inside the captured step), after one short warm-up
+    run per preset (kernels compiled); `check`: also the simple loop (`generate`), and whether its greedy tokens
+    equal the fast path's."""
+    kw = dict(stop_at_eos=False, graph_safe_rules=True, fused=fused)
+    if (name, fused) not in WARMED:  # a short prompt: compiles the same kernels without a long prefill
+        short = {k: v[:, -1024:] for k, v in inputs.items()}
+        generate_fast(adapter, build_policy(PRESETS[name], budget), short, 4, **kw)
+        WARMED.add((name, fused))
     rows = []
     for _ in range(repeats):
         stats = {}
         peak_reset(device)
-        out = generate_fast(
-            adapter, build_policy(POLICIES[name], budget), inputs, new_tokens, stop_at_eos=False, stats=stats
-        )
+        out = generate_fast(adapter, build_policy(PRESETS[name], budget), inputs, new_tokens, stats=stats, **kw)
         rows.append(
             dict(
                 prefill_ms=out.prefill_ms,
@@ -250,14 +226,26 @@ def run_fast(adapter, name, budget, inputs, new_tokens, repeats, device) -> dict
                 setup_ms=stats["setup_ms"],
                 e2e_ms=out.e2e_ms,
                 kv_bytes=out.kv_bytes_kept,
+                kv_bytes_allocated=out.kv_bytes_allocated,
+                kv_bytes_full=out.kv_bytes_full,
                 kv_bytes_reserved=stats["kv_bytes_reserved"],
                 peak_gpu_bytes=out.peak_gpu_bytes,
                 mode=stats["mode"],
                 reason=stats["reason"],
+                step=stats["step"],
+                rule_update=stats["rule_update"],
                 realised_budget=out.report.realised_budget,
             )
         )
-    return _median_rows(rows)
+    res = _median_rows(rows)
+    if check:
+        ref = generate(adapter, build_policy(PRESETS[name], budget), inputs, new_tokens)  # cut at EOS, as out
+        res["tokens_equal_simple"] = ref.tokens == out.tokens
+        res["first_diff_step"] = min(
+            (next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), None) for r, o in zip(ref.tokens, out.tokens)),
+            key=lambda i: float("inf") if i is None else i,
+        )
+    return res
 
 
 def synthetic_cache(cfg, batch, prompt, budget, device, seed=0) -> tuple[CompressedCache, int]:
@@ -286,7 +274,7 @@ def synthetic_cache(cfg, batch, prompt, budget, device, seed=0) -> tuple[Compres
     return cache, kept
 
 
-def run_synthetic(adapter, cfg, batch, prompt, budget, new_tokens, repeats, device) -> dict:
+def run_synthetic(adapter, cfg, batch, prompt, budget, new_tokens, repeats, device, fused=None) -> dict:
     rows = []
     for r in range(repeats + 1):  # the first is a warm-up
         peak_reset(device)
@@ -297,7 +285,7 @@ def run_synthetic(adapter, cfg, batch, prompt, budget, new_tokens, repeats, devi
         stats = {}
         t0 = now(device)
         _, _, t_end = decode_fast(
-            adapter, cache, ctx, token, positions, new_tokens, t_start=t0, stop_at_eos=False, stats=stats
+            adapter, cache, ctx, token, positions, new_tokens, t_start=t0, stop_at_eos=False, stats=stats, fused=fused
         )
         if r:
             rows.append(
@@ -311,11 +299,37 @@ def run_synthetic(adapter, cfg, batch, prompt, budget, new_tokens, repeats, devi
                     peak_gpu_bytes=peak(device),
                     mode=stats["mode"],
                     reason=stats["reason"],
+                    step=stats["step"],
                     realised_budget=kept / (batch * prompt * cfg.num_hidden_layers * cfg.num_key_value_heads),
                 )
             )
         del cache, ctx
     return _median_rows(rows)
+
+
+def token_check(adapter, points, names, budget, new_tokens, device) -> list[dict]:
+    """Greedy tokens of the fast path (fused step, CUDA graph, graph-safe rules) against the simple loop's, for
+    `full` and each preset, on the adapter's model (its dtype decides how often rounding alone flips a near-tie)."""
+    out = []
+    dtype = str(next(adapter.model.parameters()).dtype).replace("torch.", "")
+    for batch, prompt in points:
+        inputs = make_inputs(batch, prompt, device)
+        for name in ["full", *names]:
+            b = 1.0 if name == "full" else budget
+            ref = generate(adapter, build_policy(PRESETS[name], b), inputs, new_tokens)
+            stats = {}
+            got = generate_fast(adapter, build_policy(PRESETS[name], b), inputs, new_tokens, stats=stats,
+                                graph_safe_rules=True)
+            diffs = [next((i for i, (x, y) in enumerate(zip(r, o)) if x != y), None) for r, o in zip(ref.tokens,
+                                                                                                      got.tokens)]
+            row = dict(batch=batch, prompt_len=prompt, policy=name, budget=b, dtype=dtype, new_tokens=new_tokens,
+                       equal=ref.tokens == got.tokens, first_diff=[d for d in diffs], step=stats["step"],
+                       mode=stats["mode"], rule_update=stats["rule_update"])
+            out.append(row)
+            print(f"  tokens {dtype} B={batch} P={prompt} {name:<12} equal={row['equal']} first diff {diffs} "
+                  f"({stats['step']}, {stats['mode']})", flush=True)
+        del inputs
+    return out
 
 
 def _median_rows(rows: list[dict]) -> dict:
@@ -341,6 +355,10 @@ def kernel_bench(cfg, points, budget, bw, device, sweep: bool) -> list[dict]:
             if (bn, w, s) != (DEFAULT_CONFIG.block_n, DEFAULT_CONFIG.num_warps, DEFAULT_CONFIG.num_stages)
         ]
         configs += [dataclasses.replace(DEFAULT_CONFIG, waves=wv) for wv in (1, 2, 8)]
+        configs += [dataclasses.replace(DEFAULT_CONFIG, min_keys_per_split=mk, waves=wv)
+                    for mk in (32, 64, 256, 512, 1024, 2048) for wv in (2, 4)]
+        configs += [dataclasses.replace(DEFAULT_CONFIG, block_n=128, num_warps=8, num_stages=3, waves=wv)
+                    for wv in (2, 8)]
     rows = []
     for batch, prompt in points:
         for frac in (1.0, budget):
@@ -407,7 +425,7 @@ def graph_ms(fn) -> float:
     return ms
 
 
-def profile_step(adapter, cfg, batch, prompt, budget, device, path) -> list[str]:
+def profile_step(adapter, cfg, batch, prompt, budget, device, path, fused=True) -> list[str]:
     """Kernel times of one eager decode step on a synthetic compressed cache (where the step time goes)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -420,11 +438,18 @@ def profile_step(adapter, cfg, batch, prompt, budget, device, path) -> list[str]
 
     token = torch.randint(3, IMAGE_TOKEN, (batch,), device=device)
     pos = torch.full((batch,), prompt, dtype=torch.long, device=device)
+    if fused:  # the step decode_fast runs: the fused one where the model supports it
+        decoder, seen = FusedDecoder(adapter.model), cache.layers[0].seen_device
+        for layer in cache.layers:
+            layer.seen_device = seen
+        step = lambda p: decoder(token, p[:, None], cache, seen.add_(1))  # noqa: E731
+    else:
+        step = lambda p: adapter.decode(token, p, cache)  # noqa: E731
     with torch.inference_mode(), forward_context(ctx):
-        adapter.decode(token, pos, cache)
+        step(pos)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            adapter.decode(token, pos + 1, cache)
+            step(pos + 1)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     total_us = sum(e.time_range.elapsed_us() for e in kernels)
@@ -437,7 +462,8 @@ def profile_step(adapter, cfg, batch, prompt, budget, device, path) -> list[str]
         for name, ts in top:
             f.write(f"{sum(ts):10.1f} us {len(ts):5d}x  {name[:150]}\n")
     return [
-        f"profile (1 eager step, B={batch}, P={prompt}, synthetic@{budget}): {len(kernels)} kernel launches, "
+        f"profile (1 eager {'fused' if fused else 'module'} step, B={batch}, P={prompt}, synthetic@{budget}): "
+        f"{len(kernels)} kernel launches, "
         f"{total_us / 1e3:.2f} ms of kernel time; by kernel in {os.path.basename(path)}"
     ]
 
@@ -451,9 +477,19 @@ def main() -> None:
     ap.add_argument("--hf-repeats", type=int, default=2)
     ap.add_argument("--budget", type=float, default=0.1)
     ap.add_argument(
-        "--policies", default="streamingllm,vlcache", help="end-to-end compressing policies ('' none)"
+        "--policies", default="all", help="end-to-end compressing presets, comma-separated ('all': every one; '' none)"
     )
+    ap.add_argument("--fused", choices=("auto", "off"), default="auto", help="off: the model's own modules per step")
+    ap.add_argument("--module-step", action="store_true", help="also time full and synthetic with the module step")
+    ap.add_argument("--check-tokens", default="", help="points (BxP,...) where each policy's tokens are compared "
+                    "with the simple loop's")
+    ap.add_argument("--rule-cost", action="store_true",
+                    help="also run the per-token presets (h2o, elastic) with the append rule: the rule's step cost")
+    ap.add_argument("--check-fp32", default="", help="points where, after the timings, a float32 copy of the model "
+                    "compares every preset's fast-path tokens with the simple loop's")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--step-configs", action="store_true", help="only the decode-attention configs: the kernel "
+                    "sweep, then the synthetic decode step under each config with min_keys_per_split and waves varied")
     ap.add_argument("--kernel-sweep", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, to check the script (CPU works)")
@@ -462,6 +498,11 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",") if p]
+    check_points = {tuple(int(x) for x in p.split("x")) for p in args.check_tokens.split(",") if p}
+    fused = None if args.fused == "auto" else False
+    names = [p for p in args.policies.split(",") if p]
+    if args.policies == "all":
+        names = [n for n in PRESETS if n != "full"]
     n_new = args.new_tokens
     cfg = model_config(args.tiny, max(32768, max(p for _, p in points) + n_new + 8))
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -533,6 +574,36 @@ def main() -> None:
             flush=True,
         )
 
+    if args.step_configs:
+        import importlib
+
+        da = importlib.import_module("vlcache.kernels.decode_attention")  # the module, not its function
+
+        extra["kernel"] = kernel_bench(cfg, points, args.budget, bw, device, True)
+        save()
+        base = da.DEFAULT_CONFIG
+        for batch, prompt in points:
+            for mk in (128, 256, 512, 1024):
+                for wv in (2, 4):
+                    da.DEFAULT_CONFIG = dataclasses.replace(base, min_keys_per_split=mk, waves=wv)
+                    for budget in (1.0, args.budget):
+                        res = run_synthetic(adapter, cfg, batch, prompt, budget, n_new, args.repeats, device)
+                        res["config"] = dataclasses.asdict(da.DEFAULT_CONFIG)
+                        add(batch, prompt, f"synthetic mk{mk} w{wv}", "synthetic", budget, res)
+        da.DEFAULT_CONFIG = base
+        print(f"wrote {args.out}")
+        return
+
+    fp32_points = [tuple(int(x) for x in p.split("x")) for p in args.check_fp32.split(",") if p]
+    if fp32_points:  # first, and freed before the timings
+        print("tokens: fast path vs simple loop, float32 weights", flush=True)
+        checker = TextAdapter(build_model(cfg, device, torch.float32), device)
+        extra["token_check"] = token_check(checker, fp32_points, names, args.budget, n_new, device)
+        save()
+        del checker
+        WARMED.clear()
+        peak_reset(device)
+
     for batch, prompt in points:
         print(f"point B={batch} P={prompt}", flush=True)
         inputs = make_inputs(batch, prompt, device)
@@ -549,32 +620,26 @@ def main() -> None:
                 )
             except torch.OutOfMemoryError as e:
                 print(f"  transformers: out of memory ({e})")
-        add(
-            batch,
-            prompt,
-            "fast",
-            "full",
-            1.0,
-            run_fast(adapter, "full", 1.0, inputs, n_new, args.repeats, device),
-        )
-        add(
-            batch,
-            prompt,
-            "fast synthetic",
-            "synthetic",
-            args.budget,
-            run_synthetic(adapter, cfg, batch, prompt, args.budget, n_new, args.repeats, device),
-        )
-        for name in [p for p in args.policies.split(",") if p]:
+        check = (batch, prompt) in check_points
+        add(batch, prompt, "fast", "full", 1.0,
+            run_fast(adapter, "full", 1.0, inputs, n_new, args.repeats, device, fused, check))
+        add(batch, prompt, "fast synthetic", "synthetic", args.budget,
+            run_synthetic(adapter, cfg, batch, prompt, args.budget, n_new, args.repeats, device, fused))
+        if args.module_step:
+            add(batch, prompt, "fast modules", "full", 1.0,
+                run_fast(adapter, "full", 1.0, inputs, n_new, args.repeats, device, False))
+            add(batch, prompt, "fast modules synth", "synthetic", args.budget,
+                run_synthetic(adapter, cfg, batch, prompt, args.budget, n_new, args.repeats, device, False))
+        runs = [(n, n, PRESETS[n]) for n in names]
+        if args.rule_cost:
+            runs += [(f"{n}+append", n, {**PRESETS[n], "decode": {"name": "append"}}) for n in names
+                     if PRESETS[n]["decode"]["name"] != "append"]
+        for label, name, preset in runs:
+            PRESETS[label] = preset
             try:
-                add(
-                    batch,
-                    prompt,
-                    "fast",
-                    name,
-                    args.budget,
-                    run_fast(adapter, name, args.budget, inputs, n_new, max(args.repeats - 1, 1), device),
-                )
+                add(batch, prompt, "fast", label, args.budget,
+                    run_fast(adapter, label, args.budget, inputs, n_new, max(args.repeats - 1, 1), device, fused,
+                             check and label == name))
             except Exception as e:  # noqa: BLE001  (a policy another engineer is still writing: report, go on)
                 print(f"  fast {name}: failed: {type(e).__name__}: {e}", flush=True)
                 extra.setdefault("failures", []).append(
@@ -583,7 +648,7 @@ def main() -> None:
         if args.profile and device.type == "cuda":
             path = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"profile_{batch}x{prompt}.txt")
             try:
-                lines = profile_step(adapter, cfg, batch, prompt, args.budget, device, path)
+                lines = profile_step(adapter, cfg, batch, prompt, args.budget, device, path, fused is None)
             except Exception as e:  # noqa: BLE001  (diagnostics only)
                 lines = [f"profile failed: {type(e).__name__}: {e}"]
             extra.setdefault("profile", []).extend(lines)

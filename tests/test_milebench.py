@@ -151,3 +151,39 @@ def test_run_py_evaluates_a_column(tmp_path, release):
     assert [r["reference"] for r in rows] == ["green pear", "blue sky"] * 3
     per_image = rows[0]["image_tokens"] // 2
     assert per_image > 0 and [r["image_tokens"] for r in rows] == [2 * per_image, 3 * per_image] * 3
+
+
+def test_run_py_cuts_prompts_to_max_context_len(tmp_path, release, tiny_adapter):
+    """LOOK-M's cut through run.py: with 800 tokens (576 per image, one token per character), each sample keeps its
+    last image and the text after it (and " then " in sample 1), and the model gets only the kept images."""
+    result = run_cli("model=tiny_random", "dataset=milebench_t1", f"dataset.path={release}", "max_new_tokens=4",
+                     "policy=full", "max_context_len=800", f"output_root={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["n_samples"] == 6 and metrics["n_failed_samples"] == 0
+    rows = [json.loads(line) for line in (job / "samples.jsonl").read_text().splitlines()]
+    # sample 0, "Frames: {image#1}{image#2}Question: ...": "Frames: " (8) and image 1 dropped; sample 1,
+    # "{image#1} then {image#2} then {image#3} Question: ...": images 1, 2 and the first " then " (6) dropped
+    assert [r["cut_images"] for r in rows] == [1, 2] * 3
+    assert [r["cut_text_tokens"] for r in rows] == [8, 6] * 3
+    assert [r["image_tokens"] for r in rows] == [576] * 6  # was [1152, 1728]: the model got one image each
+    # the uncut prompts, built as the job builds them, are longer by exactly what the cut dropped
+    docs = mb.load_docs(release, mb.GROUPS["t1"])
+    for doc, row in zip(docs, rows):
+        full = tiny_adapter.build_inputs([mb.doc_to_text(doc)], [mb.doc_to_visual(doc)])
+        uncut = int(full["attention_mask"].sum())
+        assert uncut - row["prompt_tokens"] == 576 * row["cut_images"] + row["cut_text_tokens"]
+
+
+def test_cut_left_cuts_the_last_fragment_with_the_model_tokenizer(release, tiny_adapter):
+    from vlcache.eval.lmms_model import VLCacheLMM, _Sample
+
+    (doc,) = mb.load_docs(release, ["IEdit"])
+    lm = VLCacheLMM(tiny_adapter, None, max_context_len=len(doc["instruction"]) + 10)
+    sample = _Sample(key=("t", 0), question=mb.doc_to_text(doc), images=mb.doc_to_visual(doc))
+    lm._cut_context(sample, doc)
+    # "Source Image:{image#1} Target Image:{image#2}Instruction:": its last fragment, 12 characters, cut to its
+    # last 10; both images and the 13 + 14 characters before them dropped
+    assert sample.question == "IEdit instruction zero.\nstruction:" and sample.images == []
+    assert sample.cut == (13 + 14 + 2, 2)

@@ -12,6 +12,11 @@ image goes at its placeholder (`<image>`, which vlcache's adapters expand in pla
 a context that does not name each image exactly once gets MileBench's references for images not at their place
 (its `combine_image` mode), "<Image i> ", with the images first.
 
+Prompt cut (LOOK-M's `max_context_len`, off by default): with `max_context_len` set, the model wrapper keeps the
+task instruction whole and the context to the tokens left, walked from its end, images whole
+(vlcache/data/context_cut.py; `kept_instruction` says what it keeps whole). A prompt with its images first (the
+"<Image i> " references above) loses its first images, and its references keep their numbers.
+
 Scoring: a port of `evaluate.py` (LOOK-M's copy, SUSTechBruce/LOOK-M): needle sets (Text/ImageNeedleInAHaystack:
 the answer is a word of the reply; MMCoQA: a substring), open-ended: ROUGE-L F of the `rouge` package,
 multi-choice: option extraction (`match_choice`) and accuracy. A dataset's score is the mean over its samples; a
@@ -139,6 +144,13 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs=None) -> str:
         ref = IMAGE_PLACE if in_place else f"<Image {i + 1}> "
         context = context.replace(image, ref).replace(table, ref)
     return doc["instruction"] + "\n" + context
+
+
+def kept_instruction(doc: dict) -> str:
+    """What LOOK-M's prompt cut (vlcache/data/context_cut.py) keeps whole of a doc's prompt: a MileBench doc's task
+    instruction (`doc_to_text` puts it first, then a newline); '' for a doc of another task."""
+    fields = {"dataset", "instruction", "context", "images"}
+    return doc["instruction"] if fields <= set(doc) and doc["dataset"] in DATASETS else ""
 
 
 def doc_to_visual(doc: dict) -> list:

@@ -31,6 +31,7 @@ import torch
 
 from vlcache.cache import CompressedCache
 from vlcache.engine.attention import ForwardContext, forward_context
+from vlcache.engine.fused_decode import FusedDecoder, unsupported_reason
 from vlcache.engine.generate import GenerationOutput, build_output, prefill_and_compress
 from vlcache.engine.timing import now_ms
 from vlcache.policies.policy import Policy
@@ -72,6 +73,7 @@ def generate_fast(
     stop_at_eos: bool = True,
     stats: dict | None = None,
     graph_safe_rules: bool = False,
+    fused: bool | None = None,
 ) -> GenerationOutput:
     """Greedy decoding of a left-padded batch, as `generate`, on the fast path.
 
@@ -85,6 +87,8 @@ def generate_fast(
         graph_safe_rules: use a per-token rule's graph-safe update when it has one, inside the captured step.
             Off by default until a GPU run has checked capture and replay (tests/test_fast_decode.py, marked
             gpu); False runs the rule's eager `on_token` without a graph, as verified on the GPU.
+        fused: run each step through `FusedDecoder` (vlcache/engine/fused_decode.py: about ten launches per layer
+            instead of transformers' fifty); None: where the model supports it, False: the model's own modules.
     """
     pre = prefill_and_compress(adapter, policy, inputs)
     use_graph, reason, on_reserved, update = cuda_graph, None, None, None
@@ -104,7 +108,7 @@ def generate_fast(
     generated, new_tokens, t_end = decode_fast(
         adapter, pre.cache, pre.ctx, pre.logits.argmax(-1), pre.positions, max_new_tokens,
         t_start=pre.t_decode, cuda_graph=use_graph, eager_reason=reason, stop_at_eos=stop_at_eos, stats=stats,
-        on_reserved=on_reserved,
+        on_reserved=on_reserved, fused=fused,
     )
     return build_output(adapter, pre, generated, new_tokens, t_end - pre.t_decode)
 
@@ -124,6 +128,7 @@ def decode_fast(
     stop_at_eos: bool = True,
     stats: dict | None = None,
     on_reserved: Callable[[CompressedCache], None] | None = None,
+    fused: bool | None = None,
 ) -> tuple[list[list[int]], int, float]:
     """Greedy decoding from a filled (compressed) cache: `token` `[B]` is the first generated token (from the
     prefill's logits), `positions` `[B]` its position. Reserves the cache, then runs `max_new_tokens - 1`
@@ -132,7 +137,8 @@ def decode_fast(
     Returns the ids per sequence (one per step, the first token included, cut where the simple loop stops),
     that count, and the host clock (ms) at the end. `stats` gets: `mode` ("graph" or "eager"), `reason` (why
     eager), `steps` (decode steps run), `setup_ms` (from `t_start`: reserve, warm-up step, capture),
-    `loop_ms` and `loop_steps` (the steps after the first: the steady state), `kv_bytes_reserved`.
+    `loop_ms` and `loop_steps` (the steps after the first: the steady state), `kv_bytes_reserved`, `step`
+    ("fused" or "modules") and `step_reason` (why not fused).
     `on_reserved(cache)` is called once after the buffers are reserved, before the first step (a graph-safe
     decode rule sizes its state to them there).
     """
@@ -150,6 +156,15 @@ def decode_fast(
         on_reserved(cache)
     info["kv_bytes_reserved"] = cache.nbytes()
     ctx.fast_decode = True
+    why_not = "fused=False" if fused is False else unsupported_reason(adapter.model)
+    if fused and why_not:
+        raise ValueError(f"fused=True, but the fused decode step cannot run this model: {why_not}")
+    decoder = None if why_not else FusedDecoder(adapter.model)
+    info.update(step="modules" if decoder is None else "fused", step_reason=why_not)
+    if decoder is not None:  # one device token count for all layers, advanced once per step
+        seen = cache.layers[0].seen_device
+        for layer in cache.layers:
+            layer.seen_device = seen
 
     token = token.clone()
     b = token.shape[0]
@@ -162,7 +177,13 @@ def decode_fast(
 
     def step() -> None:
         """One decode step, in place on the static buffers (what the graph captures)."""
-        logits = adapter.decode(token, positions, cache)
+        if decoder is None:
+            logits = adapter.decode(token, positions, cache)
+        else:
+            seen.add_(1)
+            for layer in cache.layers:  # the host count, for per-token rules run eagerly (sync_seen after graphs)
+                layer.seen += 1
+            logits = decoder(token, adapter.decode_position_ids(positions), cache, seen, ctx.on_decode)
         positions.add_(1)
         nxt = torch.where(finished, pad, logits.argmax(-1))
         if stop_at_eos:

@@ -14,8 +14,11 @@ from functools import cache
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from vlcache.data import milebench
+from vlcache.data.context_cut import LOOKM_IMAGE_TOKENS, cut_prompt
 from vlcache.engine.generate import GenerationOutput, generate
 from vlcache.engine.reference import perplexity, reference_nll
+from vlcache.models.adapter import IMAGE_PLACE
 from vlcache.policies.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,9 @@ class SampleRecord:
     full_answer: str | None = None
     ppl_vs_full: float | None = None
     rouge_l_vs_full: float | None = None
+    # max_context_len (LOOK-M's prompt cut): the context's text tokens and images the cut dropped
+    cut_text_tokens: int | None = None
+    cut_images: int | None = None
 
 
 @dataclass
@@ -55,6 +61,7 @@ class _Sample:
     question: str
     images: list = field(default_factory=list)
     error: Exception | None = None
+    cut: tuple[int, int] | None = None  # (text tokens, images) dropped by the prompt cut
 
 
 @dataclass
@@ -65,12 +72,16 @@ class VLCacheLMM(lmms):
     max_new_tokens: int | None = None  # overrides the task's generation length when set
     engine: str = "simple"  # "fast": vlcache.engine.fast_decode (CUDA graphs) instead of the eager loop
     reference_policy: Policy | None = None  # the full cache: set to score every answer against its answer
+    max_context_len: int | None = None  # LOOK-M's prompt cut (vlcache/data/context_cut.py); None: no cut
     batches: list[BatchRecord] = field(default_factory=list)
     samples: dict[tuple[str, int], SampleRecord] = field(default_factory=dict)
     failures: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__init__()
+        n = self.max_context_len
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"max_context_len must be a positive number of tokens or null, got {n!r}")
 
     @property
     def rank(self) -> int:
@@ -123,7 +134,7 @@ class VLCacheLMM(lmms):
         return [answers[sample.key] for sample in samples]
 
     def _prepare(self, req: Instance) -> _Sample:
-        """Loads a sample's images, which can fail on their own."""
+        """Loads a sample's images, which can fail on their own, and cuts its prompt (`max_context_len`)."""
         context, _, doc_to_visual, doc_id, task, split = req.args
         sample = _Sample(key=(task, doc_id), question=context)
         doc = self.task_dict[task][split][doc_id]
@@ -136,7 +147,31 @@ class VLCacheLMM(lmms):
             # safe_images turned an undecodable image into None: say so rather than the hook's AttributeError
             sample.error = ValueError(f"undecodable image in column(s) {', '.join(missing)}") if missing else exc
             sample.images = []
+        if self.max_context_len is not None and sample.error is None:
+            try:
+                self._cut_context(sample, doc)
+            except ValueError as exc:  # a prompt whose image places do not match its images fails alone
+                sample.error = exc
         return sample
+
+    def _cut_context(self, sample: _Sample, doc: dict) -> None:
+        """LOOK-M's prompt cut: a MileBench task instruction kept whole, the context cut to the tokens left of
+        `max_context_len`, walked from its end, images whole (each its own token count); the images it drops
+        leave the model's visuals too."""
+        tok, processor = self.adapter.processor.tokenizer, self.adapter.processor
+        cut = cut_prompt(
+            sample.question,
+            len(sample.images),
+            self.max_context_len,
+            tokenize=lambda text: tok(text, add_special_tokens=False).input_ids,
+            detokenize=tok.decode,
+            image_tokens=lambda i: image_token_count(processor, sample.images[i]),
+            instruction=milebench.kept_instruction(doc),
+            place=IMAGE_PLACE,
+        )
+        sample.question = cut.prompt
+        sample.images = [sample.images[i] for i in cut.images]
+        sample.cut = (cut.dropped_text_tokens, cut.dropped_images)
 
     def _run(self, samples: list[_Sample], max_new: int, until) -> dict[tuple[str, int], str]:
         if not samples:
@@ -173,6 +208,8 @@ class VLCacheLMM(lmms):
                 batch_prefill_ms=out.prefill_ms,
                 batch_decode_ms_per_token=out.decode_ms_per_token,
                 batch_e2e_ms=out.e2e_ms,
+                cut_text_tokens=sample.cut[0] if sample.cut else None,
+                cut_images=sample.cut[1] if sample.cut else None,
             )
         return answers
 
@@ -181,6 +218,16 @@ class VLCacheLMM(lmms):
 
     def generate_until_multi_round(self, requests: list[Instance]):
         raise NotImplementedError("vlcache evaluates single-round generation tasks only")
+
+
+def image_token_count(processor, image) -> int:
+    """The tokens the model's processor gives `image` (its count for the image's size: fixed for LLaVA-1.5, 576
+    at 336 px); LOOK-M's 576 for a processor that cannot say."""
+    try:
+        counts = processor._get_num_multimodal_tokens(image_sizes=[(image.height, image.width)])
+        return int(counts["num_image_tokens"][0])
+    except (AttributeError, KeyError, TypeError, NotImplementedError):
+        return LOOKM_IMAGE_TOKENS
 
 
 def _free_memory() -> None:

@@ -1,0 +1,174 @@
+"""The fused decode step: one token per sequence through a Llama-family language model in few kernels.
+
+transformers' decoder layer costs about fifty launches per token (vlcache/kernels/fused_ops.py says where they
+go); at batch 1 a 7B model's step then takes about twice its bandwidth floor even when captured in a CUDA
+graph. This step computes the same function as the model's forward with the compressed cache, per layer:
+
+    h, x = rms_norm(h, w_in, residual=d)        # the previous layer's MLP output added in the same launch
+    q = rope_append(x @ W_qkv, cos, sin, cache)  # one GEMM for q, k and v; RoPE and the append in one launch
+    a = decode_attention(q, cache)               # the ragged Triton kernel
+    h, x = rms_norm(h, w_post, residual=a @ W_o)
+    d = silu_mul(x @ W_gate_up) @ W_down         # one GEMM for gate and up
+
+so about ten launches per layer instead of fifty. The q/k/v and gate/up weights are concatenated once
+(`fuse_projections`); the model's own `Linear` weights become views of the fused tensors, so no memory is
+added and the model's forward still works. Cosine and sine come from the model's own rotary module (every
+RoPE scaling type it implements). Rounding follows transformers' operations, so tokens match the module path
+(tests/test_fused_decode.py); decode rules that watch every token get `on_decode(layer, query)` as there.
+
+Supported: text models whose `model_type` is llama, mistral or qwen2 (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision
+language models, the embedded model) with SiLU MLPs, on one device. `unsupported_reason` says why not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vlcache.cache import CompressedCache
+from vlcache.kernels.decode_attention import decode_attention
+from vlcache.kernels.fused_ops import rms_norm, rope_append, silu_mul
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class _Layer:
+    w_in: torch.Tensor
+    eps_in: float
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    b_o: torch.Tensor | None
+    w_post: torch.Tensor
+    eps_post: float
+    w_gu: torch.Tensor
+    b_gu: torch.Tensor | None
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
+    scale: float
+
+
+def _text_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the decoder stack, the LM head) of a causal LM or a VLM."""
+    return model.get_decoder(), model.get_output_embeddings()
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fused step cannot run this model (None: it can)."""
+    try:
+        text, head = _text_parts(model)
+    except (AttributeError, NotImplementedError) as err:
+        return f"no decoder / output embeddings ({err})"
+    cfg = text.config
+    if cfg.model_type not in SUPPORTED_TYPES:
+        return f"model_type {cfg.model_type!r} (fused step: {', '.join(SUPPORTED_TYPES)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (fused step: silu)"
+    if head is None or not hasattr(text, "rotary_emb"):
+        return "no LM head or rotary module"
+    devices = {p.device for p in text.parameters()} | {p.device for p in head.parameters()}
+    if len(devices) != 1 or any(hasattr(m, "_hf_hook") for m in text.modules()):
+        return "model split over devices (device_map)"
+    return None
+
+
+def _fuse_rows(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenates the weights (and biases) of `linears` along the output axis; each `Linear` then holds a
+    view of the fused tensor, so the model keeps one copy and its own forward is unchanged."""
+
+    def fuse(tensors: list[torch.nn.Parameter]) -> torch.Tensor:
+        fused = torch.cat([t.detach() for t in tensors], 0)
+        off = 0
+        for t in tensors:
+            rows = t.shape[0]
+            t.data = fused[off : off + rows]
+            off += rows
+        return fused
+
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the model may be trained later
+        w = fuse([lin.weight for lin in linears])
+        b = None if linears[0].bias is None else fuse([lin.bias for lin in linears])
+    return w, b
+
+
+def fuse_projections(model) -> list[_Layer]:
+    """The per-layer weights of the fused step (q/k/v and gate/up concatenated once, cached on the model; fused
+    again if the model's weights were replaced since, e.g. by `model.to(dtype)`)."""
+    text, _ = _text_parts(model)
+    cached = getattr(model, "_vlcache_fused_layers", None)
+    if cached is not None and all(
+        f.w_qkv.data_ptr() == layer.self_attn.q_proj.weight.data_ptr()
+        and f.w_gu.data_ptr() == layer.mlp.gate_proj.weight.data_ptr()
+        for f, layer in zip(cached, text.layers)
+    ):
+        return cached
+    layers = []
+    for layer in text.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        w_qkv, b_qkv = _fuse_rows([att.q_proj, att.k_proj, att.v_proj])
+        w_gu, b_gu = _fuse_rows([mlp.gate_proj, mlp.up_proj])
+        layers.append(
+            _Layer(
+                w_in=layer.input_layernorm.weight, eps_in=layer.input_layernorm.variance_epsilon,
+                w_qkv=w_qkv, b_qkv=b_qkv, w_o=att.o_proj.weight, b_o=att.o_proj.bias,
+                w_post=layer.post_attention_layernorm.weight,
+                eps_post=layer.post_attention_layernorm.variance_epsilon,
+                w_gu=w_gu, b_gu=b_gu, w_down=mlp.down_proj.weight, b_down=mlp.down_proj.bias,
+                scale=float(att.scaling),
+            )
+        )
+    model._vlcache_fused_layers = layers
+    return layers
+
+
+class FusedDecoder:
+    """`decoder(tokens [B], position_ids, cache, seen) -> logits [B, vocab]`: one decode step over a reserved
+    `CompressedCache` (`CompressedLayer.reserve`), in place, with no host synchronisation (CUDA-graph safe).
+
+    `seen` is a device scalar shared by every layer's `seen_device`: the tokens seen, the new one included (its
+    logical index, what `CompressedLayer.positions` records, is `seen - 1`); the caller advances it before the
+    step, as the module path's `CompressedLayer.update` does before attention. `on_decode(layer_idx, query
+    [B, Hq, 1, D])` is called after each layer's attention, as the module path's attention function calls it.
+    """
+
+    def __init__(self, model) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the fused decode step does not support this model: {reason}")
+        self.text, self.head = _text_parts(model)
+        cfg = self.text.config
+        self.num_heads = cfg.num_attention_heads
+        self.layers = fuse_projections(model)
+        norm = self.text.norm
+        self.w_norm, self.eps_norm = norm.weight, norm.variance_epsilon
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: CompressedCache,
+        seen: torch.Tensor,
+        on_decode: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        h = self.text.embed_tokens(tokens)  # [B, H]
+        cos, sin = self.text.rotary_emb(h, position_ids)  # [B, 1, D]
+        cos, sin = cos[:, 0], sin[:, 0]
+        b = tokens.shape[0]
+        delta = None  # the previous sub-layer's output, added to h by the next norm's launch
+        for i, (w, layer) in enumerate(zip(self.layers, cache.layers)):
+            h, x = rms_norm(h, w.w_in, w.eps_in, residual=delta)
+            q = rope_append(
+                F.linear(x, w.w_qkv, w.b_qkv), cos, sin, layer.keys, layer.values, layer.length, layer.positions,
+                seen, self.num_heads,
+            )
+            a = decode_attention(q, layer.keys, layer.values, layer.length, w.scale)
+            if on_decode is not None:
+                on_decode(i, q)
+            h, x = rms_norm(h, w.w_post, w.eps_post, residual=F.linear(a.view(b, -1), w.w_o, w.b_o))
+            delta = F.linear(silu_mul(F.linear(x, w.w_gu, w.b_gu)), w.w_down, w.b_down)
+        _, x = rms_norm(h, self.w_norm, self.eps_norm, residual=delta)
+        return self.head(x)
