@@ -6,8 +6,10 @@
 2. static buffers, sized once: every cache layer is reserved to ``max kept + max_new_tokens`` entries per row
    (`CompressedLayer.reserve`), so appends write in place and never read lengths back to the host; the next
    token, the positions, the finished mask, the output ids and the write column are device tensors;
-3. decode attention through the ragged Triton kernel (`ForwardContext.fast_decode`), over each layer's, KV
-   head's and sequence's own valid entries;
+3. decode attention through the ragged Triton kernel, over each layer's, KV head's and sequence's own valid
+   entries; for Llama-family language models the whole step runs as `FusedDecoder` (vlcache/engine/
+   fused_decode.py: about ten launches per layer), for the others through the model's modules
+   (`ForwardContext.fast_decode`);
 4. on CUDA, one decode step (model forward, argmax, position increment, finished mask, token store) is run
    once as warm-up (it is decode step 1, and compiles the kernels), captured in a `torch.cuda.CUDAGraph`,
    and replayed for every later step. Sequences that finished keep running (they emit padding, as in the
@@ -72,7 +74,7 @@ def generate_fast(
     cuda_graph: bool | None = None,
     stop_at_eos: bool = True,
     stats: dict | None = None,
-    graph_safe_rules: bool = False,
+    graph_safe_rules: bool = True,
     fused: bool | None = None,
 ) -> GenerationOutput:
     """Greedy decoding of a left-padded batch, as `generate`, on the fast path.
@@ -84,9 +86,9 @@ def generate_fast(
             still cut at EOS.
         stats: filled by `decode_fast` with how decoding ran; `rule_update` says which per-token update ran
             ("static": the graph-safe one, "eager": `on_token`, None: the rule does not act per token).
-        graph_safe_rules: use a per-token rule's graph-safe update when it has one, inside the captured step.
-            Off by default until a GPU run has checked capture and replay (tests/test_fast_decode.py, marked
-            gpu); False runs the rule's eager `on_token` without a graph, as verified on the GPU.
+        graph_safe_rules: use a per-token rule's graph-safe update when it has one, inside the captured step
+            (checked on an H200: tests/test_fast_decode.py's gpu tests, and experiments/bench_decode.py's float32
+            token check at real size); False runs the rule's eager `on_token` without a graph.
         fused: run each step through `FusedDecoder` (vlcache/engine/fused_decode.py: about ten launches per layer
             instead of transformers' fifty); None: where the model supports it, False: the model's own modules.
     """

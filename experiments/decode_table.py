@@ -1,0 +1,61 @@
+"""The README's decode table from bench_decode.py JSON files (results/bench/decode_h200_*.json).
+
+One row per (batch, prompt) point and path: decode ms/token against its floor, the decode and end-to-end
+speedups against transformers `generate` (same run), the decode speedup against the framework's own full-cache
+path with 90% of the floor ratio beside it, prefill + compression against the full path's, KV bytes kept and
+allocated as a share of the full cache.
+
+Usage: python experiments/decode_table.py results/bench/decode_h200_*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+PAPER = {(1, 2048): (1.19, 1.16), (1, 32768): (3.32, 1.85), (1, 131072): (7.08, 1.66), (4, 32768): (6.07, 2.06),
+         (64, 2048): (5.23, 2.33)}  # VL-Cache's speed table: decode, end-to-end speedup at budget 0.1
+
+
+def rows_of(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths:
+        rows += [r for r in json.load(open(path))["rows"] if r["path"] in ("transformers", "fast")]
+    return rows
+
+
+def main(paths: list[str]) -> None:
+    rows = rows_of(paths)
+    points = sorted({(r["batch"], r["prompt_len"]) for r in rows}, key=lambda p: (p[1] * p[0], p[0]))
+    print("| (B, prompt) | path | decode ms/tok | × floor | vs HF (paper) | vs own full (90% floor ratio) | "
+          "e2e vs HF (paper) | prefill+compress vs full | KV kept / full |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for point in points:
+        here = [r for r in rows if (r["batch"], r["prompt_len"]) == point]
+        hf = next(r for r in here if r["path"] == "transformers")
+        full = next(r for r in here if r["path"] == "fast" and r["policy"] == "full")
+        full_pre = full["prefill_ms"] + full.get("compress_ms", 0)
+        paper_dec, paper_e2e = PAPER.get(point, (None, None))
+        for r in [hf, full] + sorted((r for r in here if r["path"] == "fast" and r["policy"] != "full"),
+                                     key=lambda r: r["policy"]):
+            name = "transformers generate" if r is hf else f"fast {r['policy']}"
+            dec = r["decode_ms_per_token"]
+            cells = [f"({point[0]}, {point[1] // 1024}K)", name, f"{dec:.2f}", f"{dec / r['floor_ms']:.2f}"]
+            if r is hf:
+                cells += ["1", "", "1", "", "100%"]
+            else:
+                vs_full = full["decode_ms_per_token"] / dec
+                want = 0.9 * full["floor_ms"] / r["floor_ms"]
+                pre = (r["prefill_ms"] + r.get("compress_ms", 0)) / full_pre - 1
+                cells += [
+                    f"{hf['decode_ms_per_token'] / dec:.2f}" + ("" if r is full else f" ({paper_dec})"),
+                    "" if r is full else f"{vs_full:.2f} ({want:.2f})",
+                    f"{hf['e2e_ms'] / r['e2e_ms']:.2f}" + ("" if r is full else f" ({paper_e2e})"),
+                    "" if r is full else f"{pre:+.1%}",
+                    f"{r['kv_bytes'] / full['kv_bytes']:.1%}",
+                ]
+            print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
