@@ -140,3 +140,39 @@ def test_lookm_paper_cuts_at_4096_and_the_default_does_not():
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
         assert compose("config").max_context_len is None
         assert compose("config", overrides=["experiment=lookm_paper"]).max_context_len == 4096
+
+
+def test_prompts_past_the_positions_fail_unless_allowed():
+    """A prompt plus its new tokens past the model's positions: `PromptTooLong` by default; with
+    `allow_past_positions` (lookm_paper: LOOK-M's runs go on past LLaVA-1.5's 4,096) it runs."""
+    from conftest import random_images
+
+    from vlcache.engine.generate import generate
+    from vlcache.models.adapter import LlavaAdapter, PromptTooLong
+    from vlcache.policies.policy import build_policy
+    from vlcache.zoo.model import build_random_llava
+
+    model, processor = build_random_llava(seed=0)
+    adapter = LlavaAdapter(model, processor, "cpu")
+    adapter.text_config.max_position_embeddings = 600  # the prompt is ~590 tokens (576 image tokens)
+    images = [random_images(1)]
+    with pytest.raises(PromptTooLong, match="exceeds the model's 600 positions"):
+        adapter.build_inputs(["What is the total?"], images, max_new_tokens=32)
+    adapter.allow_past_positions = True
+    inputs = adapter.build_inputs(["What is the total?"], images, max_new_tokens=32)
+    full = {"name": "full", "scorer": {"name": "recency"}, "allocator": {"name": "uniform"}, "sinks": 0, "recent": 0,
+            "keep_all": True, "reducer": {"name": "evict"}, "decode": {"name": "append"}, "granularity": "kv_head",
+            "postvision_fallback": False}
+    out = generate(adapter, build_policy(full, 1.0), inputs, 32)
+    assert out.prompt_tokens[0] + out.new_tokens > 600
+
+
+def test_allow_past_positions_must_be_a_bool(tiny_adapter):
+    from vlcache.eval.lmms_model import VLCacheLMM
+    from vlcache.policies.policy import build_policy
+
+    pol = build_policy({"name": "full", "scorer": {"name": "recency"}, "allocator": {"name": "uniform"}, "sinks": 0,
+                        "recent": 0, "keep_all": True, "reducer": {"name": "evict"}, "decode": {"name": "append"},
+                        "granularity": "kv_head", "postvision_fallback": False}, 1.0)
+    with pytest.raises(ValueError, match="allow_past_positions must be true or false, got 'yes'"):
+        VLCacheLMM(adapter=tiny_adapter, policy=pol, allow_past_positions="yes")

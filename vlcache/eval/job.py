@@ -146,7 +146,8 @@ def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     if cfg.get("reference_metrics"):  # Elastic Cache's protocol: the full cache's answer is the reference
         full = build_policy(json.loads(json.dumps(FULL_POLICY)), 1.0)
     lm = VLCacheLMM(adapter, policy, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    engine=cfg.engine, reference_policy=full, max_context_len=cfg.get("max_context_len"))
+                    engine=cfg.engine, reference_policy=full, max_context_len=cfg.get("max_context_len"),
+                    allow_past_positions=cfg.get("allow_past_positions", False))
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     limit = cfg.limit if cfg.limit is not None else dataset.get("limit")
     manager = task_manager(dataset)

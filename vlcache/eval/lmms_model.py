@@ -73,6 +73,7 @@ class VLCacheLMM(lmms):
     engine: str = "simple"  # "fast": vlcache.engine.fast_decode (CUDA graphs) instead of the eager loop
     reference_policy: Policy | None = None  # the full cache: set to score every answer against its answer
     max_context_len: int | None = None  # LOOK-M's prompt cut (vlcache/data/context_cut.py); None: no cut
+    allow_past_positions: bool = False  # prompts + new tokens may run past the model's positions (LOOK-M's runs)
     batches: list[BatchRecord] = field(default_factory=list)
     samples: dict[tuple[str, int], SampleRecord] = field(default_factory=dict)
     failures: dict[tuple[str, int], str] = field(default_factory=dict)
@@ -82,6 +83,9 @@ class VLCacheLMM(lmms):
         n = self.max_context_len
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"max_context_len must be a positive number of tokens or null, got {n!r}")
+        if not isinstance(self.allow_past_positions, bool):
+            raise ValueError(f"allow_past_positions must be true or false, got {self.allow_past_positions!r}")
+        self.adapter.allow_past_positions = self.allow_past_positions  # the adapter is shared by a sweep's jobs
 
     @property
     def rank(self) -> int:

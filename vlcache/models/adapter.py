@@ -43,6 +43,9 @@ class VLMAdapter:
         self.image_token_id = model.config.image_token_id
         self.eos_token_id = processor.tokenizer.eos_token_id
         self.pad_token_id = processor.tokenizer.pad_token_id
+        # True: prompts plus their new tokens may run past the model's positions (RoPE is computed on the fly), as
+        # LOOK-M's MileBench runs do; False: `PromptTooLong`
+        self.allow_past_positions = False
 
     @property
     def num_layers(self) -> int:
@@ -87,7 +90,7 @@ class VLMAdapter:
         batch = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
         limit = self.text_config.max_position_embeddings
         lengths = batch["attention_mask"].sum(1) + max_new_tokens
-        if int(lengths.max()) > limit:
+        if int(lengths.max()) > limit and not self.allow_past_positions:
             raise PromptTooLong(
                 f"prompt of {int(lengths.max()) - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                 f"the model's {limit} positions"
