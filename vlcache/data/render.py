@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_SIZE = 336
@@ -108,7 +110,11 @@ def background(rng: random.Random, textured: bool | None = None) -> Image.Image:
 def draw_shape(draw: ImageDraw.ImageDraw, kind: str, colour: str, box: tuple[float, float, float, float]) -> None:
     """Draws a filled `kind` of `colour` inside the box (x0, y0, x1, y1), outlined in a darker tone."""
     fill = COLOURS[colour]
-    outline = tuple(int(c * 0.6) for c in fill)
+    _draw_kind(draw, kind, box, fill, tuple(int(c * 0.6) for c in fill))
+
+
+def _draw_kind(draw: ImageDraw.ImageDraw, kind: str, box: tuple[float, float, float, float], fill, outline) -> None:
+    """The geometry of `draw_shape` (shared with `shape_cells`, which draws the same pixels as class ids)."""
     x0, y0, x1, y1 = box
     cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
     if kind == "circle":
@@ -128,3 +134,58 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, colour: str, box: tuple[flo
         draw.polygon(pts, fill=fill, outline=outline, width=2)
     else:
         raise ValueError(f"unknown shape {kind!r}")
+
+
+# Per-patch labels (training only: vlcache/zoo/aux.py's dense auxiliary loss). Each of the GRID x GRID patches gets
+# one class: CELL_BLANK, a printed character (synth_docvqa: one character per cell), or the (colour, shape) that
+# covers most of the patch's pixels, if at least a quarter of them (the shape tasks; every shape of synth_count's
+# 23 px ones gets a cell, which the patch-centre pixel alone would miss for a sixth of them). The generators
+# return them only when asked (`labels=True`); asking changes nothing else in a sample.
+CELL_BLANK = 0
+CHAR_FIRST, CHAR_LAST = 33, 126  # printable ASCII but the space: classes 1..94
+SHAPE_CLASS0 = CHAR_LAST - CHAR_FIRST + 2  # 95: (colour, shape) classes follow the characters
+NUM_CELL_CLASSES = SHAPE_CLASS0 + len(COLOURS) * len(SHAPES)  # 125
+MIN_COVER = PATCH * PATCH // 4  # pixels of a patch a shape must cover to label it
+
+
+def char_class(ch: str) -> int:
+    """The cell class of a printed character (the space is blank)."""
+    if ch == " ":
+        return CELL_BLANK
+    if not CHAR_FIRST <= ord(ch) <= CHAR_LAST:
+        raise ValueError(f"no cell class for {ch!r}")
+    return ord(ch) - CHAR_FIRST + 1
+
+
+def shape_class(colour: str, kind: str) -> int:
+    return SHAPE_CLASS0 + list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(kind)
+
+
+def cell_class_name(cls: int) -> str:
+    """'blank', the character, or 'colour shape' (for tests and logs)."""
+    if cls == CELL_BLANK:
+        return "blank"
+    if cls < SHAPE_CLASS0:
+        return chr(cls - 1 + CHAR_FIRST)
+    colour, kind = divmod(cls - SHAPE_CLASS0, len(SHAPES))
+    return f"{list(COLOURS)[colour]} {SHAPES[kind]}"
+
+
+def shape_cells(shapes: Sequence[tuple[str, str, tuple[float, float, float, float]]]) -> np.ndarray:
+    """`[GRID, GRID]` uint8 shape labels of an image whose shapes (kind, colour, box) were drawn in this order: the
+    same polygons as `draw_shape` (fill and outline), drawn as class ids on a blank mask; a patch takes the class
+    with the most pixels in it when that is at least MIN_COVER."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), CELL_BLANK)
+    draw = ImageDraw.Draw(mask)
+    for kind, colour, box in shapes:
+        cls = shape_class(colour, kind)
+        _draw_kind(draw, kind, box, cls, cls)
+    patches = np.asarray(mask).reshape(GRID, PATCH, GRID, PATCH)
+    top = patches.max((1, 3))  # usually the patch's only class
+    cover = (patches == top[:, None, :, None]).sum((1, 3))
+    cells = np.where(cover >= MIN_COVER, top, CELL_BLANK).astype(np.uint8)
+    for r, c in np.argwhere((patches != CELL_BLANK).sum((1, 3)) > cover):  # two shapes in one patch: count them
+        values, counts = np.unique(patches[r, :, c], return_counts=True)
+        counts[values == CELL_BLANK] = 0
+        cells[r, c] = values[counts.argmax()] if counts.max() >= MIN_COVER else CELL_BLANK
+    return cells

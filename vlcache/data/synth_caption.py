@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from PIL import ImageDraw
 
-from vlcache.data.render import COLOURS, IMAGE_SIZE, SHAPES, background, draw_shape, sample_rng, sample_seed
+from vlcache.data.render import (
+    COLOURS,
+    IMAGE_SIZE,
+    SHAPES,
+    background,
+    draw_shape,
+    sample_rng,
+    sample_seed,
+    shape_cells,
+)
 
 TASK = "synth_caption"
 QUESTION = "Describe the image."
@@ -41,27 +50,32 @@ def captions(objects: list[tuple[str, str, int]]) -> list[str]:
     ]
 
 
-def make(seed: int) -> dict:
-    """One sample: {question, answer (the canonical caption), answers (all references), image, key}."""
+def make(seed: int, labels: bool = False) -> dict:
+    """One sample: {question, answer (the canonical caption), answers (all references), image, key}; `labels=True`
+    adds "cells", the per-patch shape labels (render.shape_cells), and changes nothing else."""
     rng = sample_rng(TASK, seed)
     img = background(rng)
     draw = ImageDraw.Draw(img)
     n = rng.choice((1, 2, 2, 3, 3))
     places = sorted(rng.sample(range(9), n))
     kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
-    objects = []
+    objects, drawn = [], []
     for (colour, shape), place in zip(kinds, places):
         size = rng.randint(56, 92)
         row, col = divmod(place, 3)
         x0 = col * CELL + rng.randint(4, CELL - size - 4)
         y0 = row * CELL + rng.randint(4, CELL - size - 4)
         draw_shape(draw, shape, colour, (x0, y0, x0 + size, y0 + size))
+        drawn.append((shape, colour, (x0, y0, x0 + size, y0 + size)))
         objects.append((colour, shape, place))
     refs = captions(objects)
-    return {"question": QUESTION, "answer": refs[0], "answers": refs, "image": img, "key": refs[0]}
+    out = {"question": QUESTION, "answer": refs[0], "answers": refs, "image": img, "key": refs[0]}
+    if labels:
+        out["cells"] = shape_cells(drawn)
+    return out
 
 
-def sample(split: str, index: int) -> dict:
-    out = make(sample_seed(split, index))
+def sample(split: str, index: int, **kwargs) -> dict:
+    out = make(sample_seed(split, index), **kwargs)
     out["id"] = f"{TASK}_{split}_{index:05d}"
     return out

@@ -11,9 +11,10 @@ from __future__ import annotations
 import random
 import string
 
+import numpy as np
 from PIL import ImageDraw
 
-from vlcache.data.render import GRID, IMAGE_SIZE, PATCH, background, font, sample_rng, sample_seed
+from vlcache.data.render import GRID, IMAGE_SIZE, PATCH, background, char_class, font, sample_rng, sample_seed
 
 TASK = "synth_docvqa"
 FONT_SIZE = 17
@@ -65,44 +66,52 @@ FIELDS = {
 QUESTION = "What is the {field}?"
 
 
-def _write(draw: ImageDraw.ImageDraw, row: int, col: int, text: str, ink: tuple[int, int, int]) -> None:
-    """One character per 14 px cell, centred horizontally, capitals filling the cell's height."""
+def _write(
+    draw: ImageDraw.ImageDraw, row: int, col: int, text: str, ink: tuple[int, int, int], cells: np.ndarray | None = None
+) -> None:
+    """One character per 14 px cell, centred horizontally, capitals filling the cell's height; `cells` (the
+    per-patch labels, when asked for) gets each character's class at its cell."""
     f = font(FONT_SIZE)
     for k, ch in enumerate(text):
         if ch == " ":
             continue
+        if cells is not None:
+            cells[row, col + k] = char_class(ch)
         x = (col + k) * PATCH + PATCH / 2
         y = row * PATCH + PATCH - 1  # baseline near the bottom of the cell; descenders spill below
         draw.text((x, y), ch, font=f, fill=ink, anchor="ms")
 
 
-def make(seed: int, fields: tuple[int, int] = (5, 9)) -> dict:
+def make(seed: int, fields: tuple[int, int] = (5, 9), labels: bool = False) -> dict:
     """One sample: {question, answer, answers, field, image, key, transcript}; `fields`: the range of lines on the form
-    (the test split uses the default; training may mix in shorter forms as a curriculum)."""
+    (the test split uses the default; training may mix in shorter forms as a curriculum). `labels=True` adds
+    "cells": the `[GRID, GRID]` uint8 class of the character printed in each cell (render.char_class; 0: blank),
+    and changes nothing else."""
     rng = sample_rng(TASK, seed)
     img = background(rng, textured=False)
     draw = ImageDraw.Draw(img)
     ink = rng.choice(((20, 20, 20), (25, 35, 90), (70, 40, 25), (40, 40, 40)))
     margin = rng.randint(1, 2)
+    cells = np.zeros((GRID, GRID), np.uint8) if labels else None
 
     n = rng.randint(*fields)
     names = rng.sample(sorted(FIELDS), n)
     values = {name: FIELDS[name](rng) for name in names}
     header = rng.choice(HEADERS)
-    _write(draw, 1, (GRID - len(header)) // 2, header, ink)
+    _write(draw, 1, (GRID - len(header)) // 2, header, ink, cells)
     if rng.random() < 0.5:
-        _write(draw, 2, margin, "-" * (GRID - 2 * margin), ink)
+        _write(draw, 2, margin, "-" * (GRID - 2 * margin), ink, cells)
     # n lines on n of the nine slots two rows apart (rows 3..21): the gaps vary from form to form
     start = rng.randint(3, 4)
     rows = sorted(rng.sample(range(start, start + 18, 2), n))
     lines = [header]
     for name, r in zip(names, rows):
-        _write(draw, r, margin, f"{name}:", ink)
-        _write(draw, r, margin + LABEL_WIDTH, values[name], ink)
+        _write(draw, r, margin, f"{name}:", ink, cells)
+        _write(draw, r, margin + LABEL_WIDTH, values[name], ink, cells)
         lines.append(f"{name}: {values[name]}")
     if rng.random() < 0.5:
         footer = rng.choice(("THANK YOU", "SIGNATURE", "PAID", "COPY"))
-        _write(draw, 23, (GRID - 9) // 2, footer, ink)
+        _write(draw, 23, (GRID - 9) // 2, footer, ink, cells)
         lines.append(footer)
     draw.rectangle([2, 2, IMAGE_SIZE - 3, IMAGE_SIZE - 3], outline=ink, width=1)
 
@@ -110,7 +119,7 @@ def make(seed: int, fields: tuple[int, int] = (5, 9)) -> dict:
     answer = values[field]
     assert len(answer) <= MAX_VALUE and margin + LABEL_WIDTH + len(answer) <= GRID, answer
     key = "|".join(f"{k}={values[k]}" for k in names) + f"?{field}"
-    return {
+    out = {
         "question": QUESTION.format(field=field),
         "answer": answer,
         "answers": [answer],
@@ -119,6 +128,9 @@ def make(seed: int, fields: tuple[int, int] = (5, 9)) -> dict:
         "key": key,
         "transcript": "\n".join(lines),  # the form's text in reading order (training's reading task)
     }
+    if labels:
+        out["cells"] = cells
+    return out
 
 
 def sample(split: str, index: int, **kwargs) -> dict:

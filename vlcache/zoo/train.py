@@ -20,6 +20,15 @@ A share of synth_docvqa batches uses shorter forms (a curriculum, --easy-docvqa)
 read the whole form (--docvqa-read). The prompt is exactly the framework's: the chat template of
 vlcache.zoo.processor with 576 image tokens per image, then " {answer}</s>" as the assistant's turn.
 
+Optionally (--aux-ocr, --aux-shapes; off by default) a dense auxiliary loss trains the image features directly:
+the generators also return a class for each of an image's 576 patches (`labels=True`: the character printed in
+that cell of a synth_docvqa form, or the (colour, shape) covering the patch in the shape tasks, or blank), and a
+linear head (`AuxHead`) on the projector's output (what the language model sees; --aux-at vision: its input)
+learns to predict it; --aux-center also penalises image features that are mostly one vector common to all
+patches (common_logodds), which the language model, normalising each token, can hardly tell apart. The head is a
+separate module, saved apart (aux_head.safetensors), never in the model's weights or the exported checkpoint; a
+run resumed from weights without it starts a fresh one.
+
 Imports only torch, transformers, tokenizers, numpy, PIL and safetensors (plus vlcache.data's generators),
 so that it runs on the GPU machines, which lack lmms-eval and datasets.
 """
@@ -39,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlcache.data import generators
 from vlcache.data.metrics import exact_match, first_number
-from vlcache.data.render import TASKS, TEST_SIZES
+from vlcache.data.render import CELL_BLANK, NUM_CELL_CLASSES, TASKS, TEST_SIZES
 from vlcache.zoo.model import TRAINED_SPEC, TinyLlavaSpec, tiny_llava_config
 from vlcache.zoo.processor import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
@@ -52,6 +61,7 @@ CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 READ_QUESTION = "Read the form."  # training-only auxiliary question on synth_docvqa forms (--docvqa-read)
 # fixed training lengths under --compile: one image (<= 613 prompt + 108 answer tokens), four labelled images (<= 2400)
 PAD_TO = {"synth_docvqa": 736, "synth_caption": 736, "synth_count": 736, "synth_multi": 2432}
+AUX_HEAD_FILE = "aux_head.safetensors"  # the auxiliary head's weights (training only)
 
 
 def images_of(sample: dict) -> list:
@@ -91,6 +101,12 @@ def pixels_uint8(samples: list[dict]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays))
 
 
+def cells_of(samples: list[dict]) -> torch.Tensor:
+    """`[N, 576]` uint8 per-patch classes of all samples' images in order (the generators' `labels=True`)."""
+    grids = [g for s in samples for g in (s["cells"] if s["cells"].ndim == 3 else [s["cells"]])]
+    return torch.from_numpy(np.stack(grids).reshape(len(grids), -1))
+
+
 def normalise(pixels: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """uint8 `[N, H, W, 3]` to CLIP's normalised `[N, 3, H, W]` (what CLIPImageProcessor gives a 336 px image)."""
     mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
@@ -113,7 +129,10 @@ def training_batch(enc: Encoder, samples: list[dict], pad_to: int = 0) -> dict[s
     for i, (s, lab) in enumerate(zip(seqs, labs)):
         ids[i, : len(s)] = torch.tensor(s)
         labels[i, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": ids, "labels": labels, "pixels": pixels_uint8(samples)}
+    out = {"input_ids": ids, "labels": labels, "pixels": pixels_uint8(samples)}
+    if all("cells" in s for s in samples):
+        out["cells"] = cells_of(samples)
+    return out
 
 
 def test_keys() -> dict[str, set[str]]:
@@ -124,12 +143,21 @@ def test_keys() -> dict[str, set[str]]:
 class TrainStream(IterableDataset):
     """Endless batches, one task each; worker w of W draws training indices start + w, start + w + W, ..."""
 
-    def __init__(self, batch_sizes: dict[str, int], start: int, exclude: dict[str, set[str]], seed: int = 0,
-                 weights: dict[str, float] | None = None, pad_to: dict[str, int] | None = None,
-                 easy_docvqa: float = 0.0, docvqa_read: float = 0.0):
+    def __init__(
+        self,
+        batch_sizes: dict[str, int],
+        start: int,
+        exclude: dict[str, set[str]],
+        seed: int = 0,
+        weights: dict[str, float] | None = None,
+        pad_to: dict[str, int] | None = None,
+        easy_docvqa: float = 0.0,
+        docvqa_read: float = 0.0,
+        labels: tuple[str, ...] = (),
+    ):
         self.batch_sizes, self.start, self.exclude, self.seed = batch_sizes, start, exclude, seed
         self.weights, self.pad_to, self.easy_docvqa = weights or WEIGHTS, pad_to or {}, easy_docvqa
-        self.docvqa_read = docvqa_read
+        self.docvqa_read, self.labels = docvqa_read, tuple(labels)  # labels: tasks whose batches carry "cells"
 
     def __iter__(self):
         info = get_worker_info()
@@ -141,19 +169,104 @@ class TrainStream(IterableDataset):
         while True:
             task = rng.choices(tasks, weights=[self.weights[t] for t in tasks])[0]
             read = task == "synth_docvqa" and rng.random() < self.docvqa_read
-            samples = []
+            samples, kw = [], {"labels": True} if task in self.labels else {}
             while len(samples) < self.batch_sizes[task]:
                 if task == "synth_docvqa" and rng.random() < self.easy_docvqa:
-                    s = gen[task]("train", nxt[task], fields=(1, 4))  # curriculum: short forms
+                    s = gen[task]("train", nxt[task], fields=(1, 4), **kw)  # curriculum: short forms
                 else:
-                    s = gen[task]("train", nxt[task])
+                    s = gen[task]("train", nxt[task], **kw)
                 nxt[task] += nw
                 if s["key"] in self.exclude[task]:
                     continue
                 if read:  # the auxiliary reading task: the whole form's text, line by line
                     s = {**s, "question": READ_QUESTION, "answer": s["transcript"]}
                 samples.append(s)
-            yield task, training_batch(enc, samples, self.pad_to.get(task, 0))
+            batch = training_batch(enc, samples, self.pad_to.get(task, 0))
+            batch["read"] = read
+            yield task, batch
+
+
+class AuxHead(torch.nn.Module):
+    """The auxiliary loss's head (training only): one linear map, zero-initialised (the uniform guess, so that a
+    fresh head sends no large gradients into a trained model), from a patch's feature less the batch's mean
+    feature, divided by the batch's root-mean-square deviation from it (one number for all channels).
+
+    Why not the per-token normalised feature, what the language model reads: on a form, the run-B projector
+    outputs a vector common to all patches (norm about 275) plus a patch-specific part of norm about 1.6, which
+    carries the characters, and a head on the normalised features learns nothing from a part that small (CPU,
+    frozen features: 0 % of the characters after 300 steps; less the mean: 22 %). The statistics are
+    differentiated, so the loss does not change when all features are scaled: holding the scale constant instead
+    rewards ever larger features, and such runs diverged on the CPU (so did dividing each channel by its own
+    deviation). Making the patch-specific part a larger share of what the language model reads is `common_logodds`'s
+    job (--aux-center)."""
+
+    def __init__(self, dim: int, classes: int = NUM_CELL_CLASSES):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, classes)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = feats.float()
+        centred = x - x.reshape(-1, x.shape[-1]).mean(0)
+        return self.proj(centred / (centred.pow(2).mean().sqrt() + 1e-6))
+
+
+def common_logodds(feats: torch.Tensor) -> torch.Tensor:
+    """log(|m|^2 / mean |x - m|^2) over the image features x of the batch, m their mean: how much the vector that
+    all patches share outweighs what tells them apart. The language model normalises each token (RMSNorm), so at
+    large values (9.2 for the run-B projector on forms: m 275, x - m 1.6) every image token reads nearly the same;
+    `--aux-center` penalises it above 0 (half the energy common), and does nothing below (shape images: about -3)."""
+    x = feats.float().reshape(-1, feats.shape[-1])
+    mean = x.mean(0)
+    return torch.log(mean.pow(2).sum() + 1e-12) - torch.log((x - mean).pow(2).sum(1).mean() + 1e-12)
+
+
+class FeatureTap:
+    """A forward hook on the LLaVA projector that keeps the last forward pass's image features, with their graph,
+    `[images, 576, dim]`: the projector's output (`where="projector"`) or its input ("vision": the vision tower's
+    selected features)."""
+
+    def __init__(self, model, where: str = "projector"):
+        if where not in ("projector", "vision"):
+            raise ValueError(f"where must be 'projector' or 'vision', not {where!r}")
+        self.where, self.feats = where, None
+        config = model.config
+        self.dim = (config.text_config if where == "projector" else config.vision_config).hidden_size
+        self.handle = model.model.multi_modal_projector.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        self.feats = output if self.where == "projector" else inputs[0]
+
+    def pop(self) -> torch.Tensor | None:
+        feats, self.feats = self.feats, None
+        return feats
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.feats = None
+
+
+def aux_loss(logits: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced cross-entropy of the per-patch classes, and the accuracy on the drawn (not blank) patches.
+
+    `logits`: `[images, 576, classes]`; `cells`: `[images, 576]`. Blank patches outnumber drawn ones (about three
+    to one on a form, ten to one in a shape scene), so the loss is the mean of the blank and the drawn patches'
+    mean cross-entropies: the drawn ones keep half the weight however few they are."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    cells = cells.reshape(-1).long()
+    ce = torch.nn.functional.cross_entropy(logits, cells, reduction="none")
+    drawn = cells != CELL_BLANK
+    n_drawn, n_blank = drawn.sum().clamp(min=1), (~drawn).sum().clamp(min=1)
+    loss = 0.5 * ((ce * drawn).sum() / n_drawn + (ce * ~drawn).sum() / n_blank)
+    acc = ((logits.argmax(-1) == cells) & drawn).sum() / n_drawn
+    return loss, acc.detach()
+
+
+def aux_weights(ocr: float, shapes: float) -> dict[str, float]:
+    """The auxiliary loss's weight per task (0: no labels made)."""
+    w = {"synth_docvqa": ocr, "synth_caption": shapes, "synth_count": shapes, "synth_multi": shapes}
+    return {t: v for t, v in w.items() if v > 0}
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -197,8 +310,15 @@ def load_weights(model, run_dir: Path) -> None:
         raise RuntimeError(f"weights do not match the model: missing {missing}, unexpected {unexpected}")
 
 
-def lr_at(step: int, progress: float, peak: float, warmup: int, schedule: str = "cosine", floor: float = 0.05,
-          decay_frac: float = 0.3) -> float:
+def lr_at(
+    step: int,
+    progress: float,
+    peak: float,
+    warmup: int,
+    schedule: str = "cosine",
+    floor: float = 0.05,
+    decay_frac: float = 0.3,
+) -> float:
     """Linear warmup over `warmup` steps, then cosine to `floor` x peak over the time budget, or (wsd) flat
     and then linear to `floor` x peak over the last `decay_frac` of the budget (0: flat to the end)."""
     warm = min(1.0, (step + 1) / warmup)
@@ -230,14 +350,32 @@ def train(args) -> None:
         log(f"resumed from {args.resume}")
     model.to(device).train()
     nparams = sum(p.numel() for p in model.parameters())
-    log(f"spec {spec} params {nparams / 1e6:.2f}M device {device} "
-        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
+    log(
+        f"spec {spec} params {nparams / 1e6:.2f}M device {device} "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}"
+    )
+    aux_w = aux_weights(args.aux_ocr, args.aux_shapes)
+    tap, head = None, None
+    if aux_w or args.aux_center > 0:
+        tap = FeatureTap(model, args.aux_at)
+    if aux_w:  # the dense auxiliary loss: a head outside the model, on the image features
+        head = AuxHead(tap.dim).to(device).train()
+        prev = aux_head_path(Path(args.resume)) if args.resume else None
+        if prev is not None and prev.exists():
+            load_aux_head(head, prev)
+            log(f"aux head from {prev}")
+        log(f"aux loss on the {args.aux_at} features ({tap.dim} -> {NUM_CELL_CLASSES} classes), weights {aux_w}")
+    if args.aux_center > 0:
+        log(f"common-part loss on the {args.aux_at} features, weight {args.aux_center}")
+    trained = list(model.named_parameters()) + ([(f"aux.{n}", p) for n, p in head.named_parameters()] if head else [])
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98), fused=device.type == "cuda",
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        fused=device.type == "cuda",
     )
     t0 = time.time()
     exclude = test_keys()
@@ -248,20 +386,37 @@ def train(args) -> None:
         sizes = {t: (b if t in args.tasks.split(",") else 0) for t, b in sizes.items()}
     weights = {**WEIGHTS, **json.loads(args.weights)} if args.weights else WEIGHTS
     pad_to = PAD_TO if args.compile else None
-    stream = TrainStream(sizes, start=args.start, exclude=exclude, seed=args.seed, weights=weights, pad_to=pad_to,
-                         easy_docvqa=args.easy_docvqa, docvqa_read=args.docvqa_read)
+    stream = TrainStream(
+        sizes,
+        start=args.start,
+        exclude=exclude,
+        seed=args.seed,
+        weights=weights,
+        pad_to=pad_to,
+        easy_docvqa=args.easy_docvqa,
+        docvqa_read=args.docvqa_read,
+        labels=tuple(aux_w),
+    )
     forward = model
     if args.compile:
         forward = torch.compile(model, dynamic=False)
     log(f"args {vars(args)}")
     loader = DataLoader(
-        stream, batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if args.workers else None, persistent_workers=False,
+        stream,
+        batch_size=None,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.workers else None,
+        persistent_workers=False,
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     budget = args.minutes * 60
-    stats = {t: [0.0, 0] for t in TASKS}
-    losses = {t: torch.zeros((), device=device) for t in TASKS}
+    # per logged kind of batch (the tasks, and synth_docvqa's reading batches): sums of the LM loss, the aux loss,
+    # the aux accuracy and common_logodds, on the device (no sync per step), and the batch count
+    kinds = (*TASKS, "read")
+    stats = {k: [0.0, 0] for k in kinds}
+    losses = {k: torch.zeros(4, device=device) for k in kinds}
+    params = [p for _, p in trained]
     step, t_start, t_wait, saved_predecay = 0, time.time(), 0.0, False
     t_fetch = time.time()
     for task, batch in loader:
@@ -279,10 +434,21 @@ def train(args) -> None:
         ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         pixel_values = normalise(batch["pixels"].to(device, non_blocking=True))
+        kind = "read" if batch.get("read") else task
+        aux, acc, common = (torch.zeros((), device=device) for _ in range(3))
         try:
             with autocast:
                 loss = forward(input_ids=ids, pixel_values=pixel_values, labels=labels, use_cache=False).loss
-            loss.backward()
+                feats = tap.pop() if tap else None
+                total = loss
+                if task in aux_w:
+                    aux, acc = aux_loss(head(feats), batch["cells"].to(device, non_blocking=True))
+                    total = total + aux_w[task] * aux
+                if feats is not None:
+                    common = common_logodds(feats)
+                    if args.aux_center > 0:
+                        total = total + args.aux_center * torch.relu(common)
+            total.backward()
         except Exception as e:  # a compile failure: carry on eagerly
             if forward is model:
                 raise
@@ -290,27 +456,38 @@ def train(args) -> None:
             forward = model
             opt.zero_grad(set_to_none=True)
             continue
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses[task] += loss.detach()
-        stats[task][1] += 1
+        losses[kind] += torch.stack([loss.detach().float(), aux.detach().float(), acc.float(), common.detach().float()])
+        stats[kind][1] += 1
         step += 1
         if step in (3, 20) or step % args.log_every == 0:
             parts = []
-            for t in TASKS:
-                if stats[t][1]:
-                    parts.append(f"{t[6:]} {losses[t].item() / stats[t][1]:.3f}")
-                    losses[t].zero_(), stats[t].__setitem__(1, 0)
+            for k in kinds:
+                if stats[k][1]:
+                    lm, ax, ac, sh = (losses[k] / stats[k][1]).tolist()
+                    more = [f"aux {ax:.3f} acc {ac:.2f}"] if head and ax else []
+                    more += [f"common {sh:.2f}"] if tap else []
+                    parts.append(f"{k.removeprefix('synth_')} {lm:.3f}" + (f" ({' '.join(more)})" if more else ""))
+                    losses[k].zero_(), stats[k].__setitem__(1, 0)
             log(f"step {step} t {elapsed:.0f}s lr {lr:.2e} data-wait {t_wait:.0f}s | " + " ".join(parts))
         t_fetch = time.time()
     train_s = time.time() - t_start
     log(f"trained {step} steps in {train_s:.0f}s (data wait {t_wait:.0f}s)")
     del loader
     save_run(model, out, config=not args.no_config)
+    if tap:
+        tap.remove()  # the model alone from here: evaluation and the exported weights never see the head
+    if head:
+        save_aux_head(head, out / AUX_HEAD_FILE)
     results = evaluate(model.eval(), enc, device, n=args.eval_n, log=log)
-    results.update(steps=step, train_seconds=round(train_s), params=nparams,
-                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    results.update(
+        steps=step,
+        train_seconds=round(train_s),
+        params=nparams,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    )
     (out / "eval.json").write_text(json.dumps(results, indent=1))
     log(json.dumps(results))
 
@@ -322,6 +499,23 @@ def save_run(model, out: Path, name: str = "model_fp32.safetensors", config: boo
     save_file(state, str(out / name))
     if config:
         (out / "config.json").write_text(model.config.to_json_string())
+
+
+def aux_head_path(resume: Path) -> Path:
+    """Where a run's auxiliary head sits: next to the weights file, or in the run folder."""
+    return (resume.parent if resume.is_file() else resume) / AUX_HEAD_FILE
+
+
+def save_aux_head(head: AuxHead, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}, str(path))
+
+
+def load_aux_head(head: AuxHead, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    head.load_state_dict(load_file(str(path)))
 
 
 def anls_score(pred: str, answers: list[str], threshold: float = 0.5) -> float:
@@ -362,22 +556,34 @@ def greedy(model, enc: Encoder, samples: list[dict], device, max_new_tokens: int
     ids = torch.full((len(prompts), m), enc.pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), m), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, m - len(p):] = torch.tensor(p)
-        mask[i, m - len(p):] = 1
+        ids[i, m - len(p) :] = torch.tensor(p)
+        mask[i, m - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     dtype = next(model.parameters()).dtype
     pv = normalise(pixels_uint8(samples).to(device), dtype)
     cache = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pv, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        pixel_values=pv,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
     lengths = mask.sum(1)
     tok = logits.argmax(-1)
     steps, done = [tok], tok == enc.eos_id
     while len(steps) < max_new_tokens and not bool(done.all()):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(
+            input_ids=tok[:, None],
+            attention_mask=mask,
+            position_ids=lengths[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
         lengths = lengths + 1
         tok = torch.where(done, enc.pad_id, logits.argmax(-1))
         done |= tok == enc.eos_id
@@ -442,8 +648,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pos-init", choices=("sincos", "learned"), default="sincos")
     p.add_argument("--weights", default=None, help="JSON task -> share of batches (default: WEIGHTS)")
     p.add_argument("--easy-docvqa", type=float, default=0.3, help="share of synth_docvqa batches' forms with 1-4 lines")
-    p.add_argument("--docvqa-read", type=float, default=0.0,
-                   help="share of synth_docvqa batches asking 'Read the form.' (dense reading supervision)")
+    p.add_argument(
+        "--docvqa-read",
+        type=float,
+        default=0.0,
+        help="share of synth_docvqa batches asking 'Read the form.' (dense reading supervision)",
+    )
+    p.add_argument(
+        "--aux-ocr",
+        type=float,
+        default=0.0,
+        help="weight of the dense auxiliary loss on synth_docvqa batches: each patch's printed character",
+    )
+    p.add_argument(
+        "--aux-shapes",
+        type=float,
+        default=0.0,
+        help="weight of the dense auxiliary loss on the shape tasks' batches: each patch's colour and shape",
+    )
+    p.add_argument(
+        "--aux-at",
+        choices=("projector", "vision"),
+        default="projector",
+        help="the auxiliary head reads the projector's output (what the LM sees) or its input",
+    )
+    p.add_argument(
+        "--aux-center",
+        type=float,
+        default=0.0,
+        help="weight of a loss on how much the image features' common part outweighs the rest (common_logodds)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
     p.add_argument("--workers", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
