@@ -204,6 +204,11 @@ def run_transformers(model, inputs, new_tokens, repeats, device) -> dict:
 WARMED: set = set()
 
 
+def first_diffs(ref: list[list[int]], out: list[list[int]]) -> list[int | None]:
+    """Per sequence, the first step where `out`'s greedy token differs from `ref`'s (None: none differs)."""
+    return [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), None) for r, o in zip(ref, out)]
+
+
 def run_fast(adapter, name, budget, inputs, new_tokens, repeats, device, fused=None, check=False) -> dict:
     """`generate_fast` end to end (graph-safe per-token rules inside the captured step), after one short warm-up
     run per preset (kernels compiled); `check`: also the simple loop (`generate`), and whether its greedy tokens
@@ -241,10 +246,8 @@ def run_fast(adapter, name, budget, inputs, new_tokens, repeats, device, fused=N
     if check:
         ref = generate(adapter, build_policy(PRESETS[name], budget), inputs, new_tokens)  # cut at EOS, as out
         res["tokens_equal_simple"] = ref.tokens == out.tokens
-        res["first_diff_step"] = min(
-            (next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), None) for r, o in zip(ref.tokens, out.tokens)),
-            key=lambda i: float("inf") if i is None else i,
-        )
+        diffs = [i for i in first_diffs(ref.tokens, out.tokens) if i is not None]
+        res["first_diff_step"] = min(diffs, default=None)
     return res
 
 
@@ -320,10 +323,9 @@ def token_check(adapter, points, names, budget, new_tokens, device) -> list[dict
             stats = {}
             got = generate_fast(adapter, build_policy(PRESETS[name], b), inputs, new_tokens, stats=stats,
                                 graph_safe_rules=True)
-            diffs = [next((i for i, (x, y) in enumerate(zip(r, o)) if x != y), None) for r, o in zip(ref.tokens,
-                                                                                                      got.tokens)]
+            diffs = first_diffs(ref.tokens, got.tokens)
             row = dict(batch=batch, prompt_len=prompt, policy=name, budget=b, dtype=dtype, new_tokens=new_tokens,
-                       equal=ref.tokens == got.tokens, first_diff=[d for d in diffs], step=stats["step"],
+                       equal=ref.tokens == got.tokens, first_diff=diffs, step=stats["step"],
                        mode=stats["mode"], rule_update=stats["rule_update"])
             out.append(row)
             print(f"  tokens {dtype} B={batch} P={prompt} {name:<12} equal={row['equal']} first diff {diffs} "
@@ -439,9 +441,7 @@ def profile_step(adapter, cfg, batch, prompt, budget, device, path, fused=True) 
     token = torch.randint(3, IMAGE_TOKEN, (batch,), device=device)
     pos = torch.full((batch,), prompt, dtype=torch.long, device=device)
     if fused:  # the step decode_fast runs: the fused one where the model supports it
-        decoder, seen = FusedDecoder(adapter.model), cache.layers[0].seen_device
-        for layer in cache.layers:
-            layer.seen_device = seen
+        decoder, seen = FusedDecoder(adapter.model), cache.share_seen()
         step = lambda p: decoder(token, p[:, None], cache, seen.add_(1))  # noqa: E731
     else:
         step = lambda p: adapter.decode(token, p, cache)  # noqa: E731

@@ -73,13 +73,5 @@ def module_step(model, cache: CompressedCache, tokens: torch.Tensor, positions: 
     return out.logits[:, -1]
 
 
-def shared_seen(cache: CompressedCache) -> torch.Tensor:
-    """What `decode_fast` does for the fused step: one device token count for every layer."""
-    seen = cache.layers[0].seen_device
-    for layer in cache.layers:
-        layer.seen_device = seen
-    return seen
-
-
 def clone_cache(cache: CompressedCache) -> CompressedCache:
     return copy.deepcopy(cache)

@@ -158,8 +158,7 @@ def test_prompts_past_the_positions_fail_unless_allowed():
     images = [random_images(1)]
     with pytest.raises(PromptTooLong, match="exceeds the model's 600 positions"):
         adapter.build_inputs(["What is the total?"], images, max_new_tokens=32)
-    adapter.allow_past_positions = True
-    inputs = adapter.build_inputs(["What is the total?"], images, max_new_tokens=32)
+    inputs = adapter.build_inputs(["What is the total?"], images, max_new_tokens=32, allow_past_positions=True)
     full = {"name": "full", "scorer": {"name": "recency"}, "allocator": {"name": "uniform"}, "sinks": 0, "recent": 0,
             "keep_all": True, "reducer": {"name": "evict"}, "decode": {"name": "append"}, "granularity": "kv_head",
             "postvision_fallback": False}

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from fused_models import KINDS, module_step, ragged_cache, shared_seen, tiny_lm
+from fused_models import KINDS, module_step, ragged_cache, tiny_lm
 
 from vlcache.engine.fused_decode import FusedDecoder
 from vlcache.kernels.fused_ops import rms_norm, rms_norm_torch, rope_append, silu_mul
@@ -137,7 +137,7 @@ def test_fused_step_equals_module_step(kind):
         a.length, b.length = a.length.to(DEVICE), b.length.to(DEVICE)
     ref_cache.layers = [_to(layer) for layer in ref_cache.layers]
     cache.layers = [_to(layer) for layer in cache.layers]
-    seen = shared_seen(cache)
+    seen = cache.share_seen()
     decoder = FusedDecoder(model)
     tokens = torch.tensor([5, 17, 96], device=DEVICE)
     positions = torch.tensor([11, 9, 4], device=DEVICE)  # left-padded rows start their positions later

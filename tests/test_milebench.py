@@ -139,15 +139,20 @@ def test_missing_release_fails_fast_naming_the_fix(tmp_path):
         validate(_cfg("dataset=milebench_t1", "model=tiny_random", f"dataset.path={tmp_path}"))
 
 
+def _only_job(root) -> tuple[dict, list[dict]]:
+    """The metrics and samples of the one job run.py wrote under `root`."""
+    (job,) = (root / "runs").iterdir()
+    rows = [json.loads(line) for line in (job / "samples.jsonl").read_text().splitlines()]
+    return json.loads((job / "metrics.json").read_text()), rows
+
+
 def test_run_py_evaluates_a_column(tmp_path, release):
     result = run_cli("model=tiny_random", "dataset=milebench_t1", f"dataset.path={release}", "max_new_tokens=4",
                      "policy=streamingllm", "budget=0.5", f"output_root={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    (job,) = (tmp_path / "runs").iterdir()
-    metrics = json.loads((job / "metrics.json").read_text())
+    metrics, rows = _only_job(tmp_path)
     assert metrics["status"] == "ok" and metrics["n_samples"] == 6 and metrics["n_failed_samples"] == 0
     assert metrics["metric"] == "score" and 0.0 <= metrics["accuracy"] <= 1.0
-    rows = [json.loads(line) for line in (job / "samples.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in rows] == ["green pear", "blue sky"] * 3
     per_image = rows[0]["image_tokens"] // 2
     assert per_image > 0 and [r["image_tokens"] for r in rows] == [2 * per_image, 3 * per_image] * 3
@@ -159,10 +164,8 @@ def test_run_py_cuts_prompts_to_max_context_len(tmp_path, release, tiny_adapter)
     result = run_cli("model=tiny_random", "dataset=milebench_t1", f"dataset.path={release}", "max_new_tokens=4",
                      "policy=full", "max_context_len=800", f"output_root={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    (job,) = (tmp_path / "runs").iterdir()
-    metrics = json.loads((job / "metrics.json").read_text())
+    metrics, rows = _only_job(tmp_path)
     assert metrics["status"] == "ok" and metrics["n_samples"] == 6 and metrics["n_failed_samples"] == 0
-    rows = [json.loads(line) for line in (job / "samples.jsonl").read_text().splitlines()]
     # sample 0, "Frames: {image#1}{image#2}Question: ...": "Frames: " (8) and image 1 dropped; sample 1,
     # "{image#1} then {image#2} then {image#3} Question: ...": images 1, 2 and the first " then " (6) dropped
     assert [r["cut_images"] for r in rows] == [1, 2] * 3

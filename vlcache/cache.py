@@ -181,6 +181,14 @@ class CompressedCache(Cache):
     def kept_bytes(self) -> int:
         return sum(layer.kept_bytes() for layer in self.layers)
 
+    def share_seen(self) -> torch.Tensor:
+        """Makes every reserved layer's `seen_device` one tensor and returns it: a decode step that appends to all
+        layers at once (vlcache/engine/fused_decode.py) advances it once, not once per layer."""
+        seen = self.layers[0].seen_device
+        for layer in self.layers:
+            layer.seen_device = seen
+        return seen
+
     def kept_counts(self) -> torch.Tensor:
         """`[L, B, H]` valid entries per layer, sequence and KV head."""
         return torch.stack([layer.length for layer in self.layers])

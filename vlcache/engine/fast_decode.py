@@ -163,10 +163,8 @@ def decode_fast(
         raise ValueError(f"fused=True, but the fused decode step cannot run this model: {why_not}")
     decoder = None if why_not else FusedDecoder(adapter.model)
     info.update(step="modules" if decoder is None else "fused", step_reason=why_not)
-    if decoder is not None:  # one device token count for all layers, advanced once per step
-        seen = cache.layers[0].seen_device
-        for layer in cache.layers:
-            layer.seen_device = seen
+    if decoder is not None:
+        seen = cache.share_seen()
 
     token = token.clone()
     b = token.shape[0]

@@ -85,7 +85,6 @@ class VLCacheLMM(lmms):
             raise ValueError(f"max_context_len must be a positive number of tokens or null, got {n!r}")
         if not isinstance(self.allow_past_positions, bool):
             raise ValueError(f"allow_past_positions must be true or false, got {self.allow_past_positions!r}")
-        self.adapter.allow_past_positions = self.allow_past_positions  # the adapter is shared by a sweep's jobs
 
     @property
     def rank(self) -> int:
@@ -180,7 +179,9 @@ class VLCacheLMM(lmms):
     def _run(self, samples: list[_Sample], max_new: int, until) -> dict[tuple[str, int], str]:
         if not samples:
             return {}
-        inputs = self.adapter.build_inputs([s.question for s in samples], [s.images for s in samples], max_new)
+        inputs = self.adapter.build_inputs(
+            [s.question for s in samples], [s.images for s in samples], max_new, self.allow_past_positions
+        )
         if self.engine == "fast":
             from vlcache.engine.fast_decode import generate_fast
 

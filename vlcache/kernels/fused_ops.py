@@ -183,13 +183,13 @@ def rope_append_torch(qkv, cos, sin, keys, values, length, positions, seen, hq):
     q = _rotate(heads[:, :hq], c, s)
     k = _rotate(heads[:, hq : hq + hkv], c, s)
     v = heads[:, hq + hkv :]
-    room = length < cap
-    slot = length.clamp(max=cap - 1)
-    sel = room[..., None, None] & (torch.arange(cap, device=keys.device)[:, None] == slot[..., None, None])
-    keys.copy_(torch.where(sel, k[:, :, None], keys))
-    values.copy_(torch.where(sel, v[:, :, None], values))
-    positions.copy_(torch.where(sel[..., 0], seen - 1, positions))
-    length.add_(room.to(length.dtype))
+    room = (length < cap)[..., None]  # [B, Hkv, 1]: a full row keeps its last entry as it is
+    slot = length.clamp(max=cap - 1)[..., None]
+    d_slot = slot[..., None].expand(-1, -1, 1, D)
+    keys.scatter_(2, d_slot, torch.where(room[..., None], k[:, :, None], keys.gather(2, d_slot)))
+    values.scatter_(2, d_slot, torch.where(room[..., None], v[:, :, None], values.gather(2, d_slot)))
+    positions.scatter_(2, slot, torch.where(room, seen - 1, positions.gather(2, slot)))
+    length.add_(room[..., 0].to(length.dtype))
     return q[:, :, None]
 
 

@@ -43,9 +43,6 @@ class VLMAdapter:
         self.image_token_id = model.config.image_token_id
         self.eos_token_id = processor.tokenizer.eos_token_id
         self.pad_token_id = processor.tokenizer.pad_token_id
-        # True: prompts plus their new tokens may run past the model's positions (RoPE is computed on the fly), as
-        # LOOK-M's MileBench runs do; False: `PromptTooLong`
-        self.allow_past_positions = False
 
     @property
     def num_layers(self) -> int:
@@ -79,18 +76,23 @@ class VLMAdapter:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def build_inputs(
-        self, questions: list[str], images: list[list[Image.Image]], max_new_tokens: int = 0
+        self,
+        questions: list[str],
+        images: list[list[Image.Image]],
+        max_new_tokens: int = 0,
+        allow_past_positions: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Left-padded inputs for a batch: images first, then the question (or each image at its `<image>`).
 
-        Raises `PromptTooLong` when a prompt plus its answer would run past the model's positions."""
+        Raises `PromptTooLong` when a prompt plus its answer would run past the model's positions, unless
+        `allow_past_positions` (RoPE is computed on the fly past them, as LOOK-M's MileBench runs go)."""
         texts = [self.chat_prompt(q, len(ims)) for q, ims in zip(questions, images)]
         flat = [im.convert("RGB") for ims in images for im in ims]
         self.processor.tokenizer.padding_side = "left"
         batch = self.processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
         limit = self.text_config.max_position_embeddings
         lengths = batch["attention_mask"].sum(1) + max_new_tokens
-        if int(lengths.max()) > limit and not self.allow_past_positions:
+        if int(lengths.max()) > limit and not allow_past_positions:
             raise PromptTooLong(
                 f"prompt of {int(lengths.max()) - max_new_tokens} tokens + {max_new_tokens} new tokens exceeds "
                 f"the model's {limit} positions"

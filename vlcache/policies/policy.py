@@ -107,21 +107,29 @@ class Policy:
         wanted = self.row_sets()
         if not wanted:
             return None
-        starts = {rows: self._row_start(rows, info) for rows in wanted}
+        # each row set's first row and row positions, computed once per batch (one host read), not per layer
+        spans = {}
+        for rows in wanted:
+            start = self._row_start(rows, info)
+            first = int(start.min())
+            idx = torch.arange(first, info.m, device=start.device)
+            spans[rows] = first, torch.where(idx >= start[:, None], idx, -1)
+        on: dict[torch.device, tuple] = {}  # a model split over GPUs (device_map): the inputs on each layer's GPU
 
         def observe(layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
             from vlcache.kernels import attention_scores
 
+            if query.device not in on:
+                on[query.device] = (
+                    {rows: pos.to(query.device) for rows, (_, pos) in spans.items()},
+                    info.key_valid.to(query.device),
+                )
+            q_pos, key_valid = on[query.device]
             for rows, threshold in wanted.items():
-                # a model split over GPUs (device_map): this layer's own device, and its CUDA context for Triton
-                start = starts[rows].to(query.device)
-                first = int(start.min())
-                idx = torch.arange(first, info.m, device=query.device)
-                q_pos = torch.where(idx >= start[:, None], idx, -1)
-                with on_device(query):
+                first = spans[rows][0]
+                with on_device(query):  # this layer's CUDA context for Triton
                     self.stats[layer][rows] = attention_scores(
-                        query[:, :, first:], key, q_pos, key_valid=info.key_valid.to(query.device),
-                        threshold=threshold,
+                        query[:, :, first:], key, q_pos[rows], key_valid=key_valid, threshold=threshold
                     )
 
         return observe
