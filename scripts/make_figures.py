@@ -35,7 +35,8 @@ EXPECTED = {"main_table": "main_table.png"}
 
 
 def embedded_datasets() -> list[str]:
-    """Dataset configs of the embedded tasks that exist on disk (synth_docvqa, synth_caption, ...)."""
+    """Dataset configs of the embedded tasks whose data ships in the package (synth_docvqa, synth_caption, ...): not
+    the MileBench configs, local tasks too, whose data a user provides (`path_requires`)."""
     import yaml
 
     from vlcache.eval.tasks import embedded_task_names
@@ -44,7 +45,7 @@ def embedded_datasets() -> list[str]:
     names = []
     for path in sorted((ROOT / "conf" / "dataset").glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text()) or {}
-        if cfg.get("source") == "embedded" and cfg.get("task") in tasks:
+        if cfg.get("source") == "embedded" and cfg.get("task") in tasks and not cfg.get("path_requires"):
             names.append(path.stem)
     return names
 

@@ -29,6 +29,11 @@ patches (common_logodds), which the language model, normalising each token, can 
 separate module, saved apart (aux_head.safetensors), never in the model's weights or the exported checkpoint; a
 run resumed from weights without it starts a fresh one.
 
+A curriculum for reading (also training-only, off by default; vlcache/zoo/README.md, "Session 4"): --text-grid gives
+a share of the forms as text, each image token replaced by the character in its cell (text_grid_ids); --align pulls
+the projector's output on a form towards the language model's embeddings of those characters (align_loss); --copy
+adds text-only induction batches (copy_batch), which a 6-layer model needed before it could look a value up.
+
 Imports only torch, transformers, tokenizers, numpy, PIL and safetensors (plus vlcache.data's generators),
 so that it runs on the GPU machines, which lack lmms-eval and datasets.
 """
@@ -39,6 +44,7 @@ import argparse
 import json
 import math
 import random
+import string
 import time
 from pathlib import Path
 
@@ -48,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlcache.data import generators
 from vlcache.data.metrics import exact_match, first_number
-from vlcache.data.render import CELL_BLANK, NUM_CELL_CLASSES, TASKS, TEST_SIZES
+from vlcache.data.render import CELL_BLANK, CHAR_FIRST, CHAR_LAST, NUM_CELL_CLASSES, TASKS, TEST_SIZES
 from vlcache.zoo.model import TRAINED_SPEC, TinyLlavaSpec, tiny_llava_config
 from vlcache.zoo.processor import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
@@ -88,6 +94,11 @@ class Encoder:
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tok(" " + answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def grid_table(self) -> torch.Tensor:
+        """`[95]` token id of each character cell class (render.char_class; the blank cell: the space)."""
+        chars = [" "] + [chr(c) for c in range(CHAR_FIRST, CHAR_LAST + 1)]
+        return torch.tensor(self.tok.convert_tokens_to_ids(chars))
 
     def decode(self, ids: list[int]) -> str:
         if self.eos_id in ids:
@@ -154,10 +165,12 @@ class TrainStream(IterableDataset):
         easy_docvqa: float = 0.0,
         docvqa_read: float = 0.0,
         labels: tuple[str, ...] = (),
+        text_grid: float = 0.0,
     ):
         self.batch_sizes, self.start, self.exclude, self.seed = batch_sizes, start, exclude, seed
         self.weights, self.pad_to, self.easy_docvqa = weights or WEIGHTS, pad_to or {}, easy_docvqa
         self.docvqa_read, self.labels = docvqa_read, tuple(labels)  # labels: tasks whose batches carry "cells"
+        self.text_grid = text_grid
 
     def __iter__(self):
         info = get_worker_info()
@@ -183,7 +196,44 @@ class TrainStream(IterableDataset):
                 samples.append(s)
             batch = training_batch(enc, samples, self.pad_to.get(task, 0))
             batch["read"] = read
+            batch["grid"] = task == "synth_docvqa" and rng.random() < self.text_grid
+            if batch["grid"]:
+                batch["input_ids"] = text_grid_ids(batch["input_ids"], batch["cells"], enc)
             yield task, batch
+
+
+def text_grid_ids(ids: torch.Tensor, cells: torch.Tensor, enc: Encoder) -> torch.Tensor:
+    """The form as text (--text-grid, training only): each image token becomes the token of the character printed
+    in its cell (the space where blank), in the image tokens' row-major order, so the language model reads the
+    same 24 x 24 layout at the same positions as characters. One image per sample (synth_docvqa)."""
+    mask = ids == enc.image_id
+    if int(mask.sum()) != cells.numel():
+        raise ValueError(f"{int(mask.sum())} image tokens for {cells.numel()} cells")
+    out = ids.clone()
+    out[mask] = enc.grid_table()[cells.long().reshape(-1)]
+    return out
+
+
+def copy_batch(enc: Encoder, batch: int, length: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A text-only induction batch (--copy, training only): `<s>` S `\n` S `</s>` for random strings S of `length`
+    printable characters, the loss on the repeat. Copying a string seen earlier in the context is what reading a
+    value off a form needs, and the answer tokens of the four tasks supervise it too sparsely to learn it."""
+    chars = torch.tensor(enc.tok.convert_tokens_to_ids(list(string.printable[:94])))  # no whitespace
+    body = chars[torch.randint(len(chars), (batch, length), generator=gen)]
+    col = lambda i: torch.full((batch, 1), i)  # noqa: E731
+    newline = enc.tok.convert_tokens_to_ids("\n")
+    ids = torch.cat([col(enc.tok.bos_token_id), body, col(newline), body, col(enc.eos_id)], 1)
+    labels = ids.clone()
+    labels[:, : length + 2] = -100
+    return {"input_ids": ids, "labels": labels, "pixels": None}
+
+
+def align_loss(feats: torch.Tensor, cells: torch.Tensor, embed: torch.nn.Embedding, table: torch.Tensor):
+    """Distance of the image features of a form (`[images, 576, dim]`) from the language model's own embeddings of
+    the characters printed in their cells (`--align`, training only), relative to the embeddings' energy: the
+    projector learns to hand the language model a form as the characters it reads in --text-grid batches."""
+    target = embed(table[cells.long()]).detach().float()
+    return (feats.float() - target).pow(2).mean() / target.pow(2).mean()
 
 
 class AuxHead(torch.nn.Module):
@@ -356,7 +406,7 @@ def train(args) -> None:
     )
     aux_w = aux_weights(args.aux_ocr, args.aux_shapes)
     tap, head = None, None
-    if aux_w or args.aux_center > 0:
+    if aux_w or args.aux_center > 0 or args.align > 0:
         tap = FeatureTap(model, args.aux_at)
     if aux_w:  # the dense auxiliary loss: a head outside the model, on the image features
         head = AuxHead(tap.dim).to(device).train()
@@ -395,8 +445,10 @@ def train(args) -> None:
         pad_to=pad_to,
         easy_docvqa=args.easy_docvqa,
         docvqa_read=args.docvqa_read,
-        labels=tuple(aux_w),
+        labels=tuple(aux_w) + (("synth_docvqa",) if args.text_grid > 0 or args.align > 0 else ()),
+        text_grid=args.text_grid,
     )
+    table = enc.grid_table().to(device)
     forward = model
     if args.compile:
         forward = torch.compile(model, dynamic=False)
@@ -413,14 +465,18 @@ def train(args) -> None:
     budget = args.minutes * 60
     # per logged kind of batch (the tasks, and synth_docvqa's reading batches): sums of the LM loss, the aux loss,
     # the aux accuracy and common_logodds, on the device (no sync per step), and the batch count
-    kinds = (*TASKS, "read")
+    kinds = (*TASKS, "read", "grid", "grid-read", "copy")
     stats = {k: [0.0, 0] for k in kinds}
-    losses = {k: torch.zeros(4, device=device) for k in kinds}
+    losses = {k: torch.zeros(5, device=device) for k in kinds}
     params = [p for _, p in trained]
-    step, t_start, t_wait, saved_predecay = 0, time.time(), 0.0, False
+    step, t_start, t_wait, saved_predecay, skipped = 0, time.time(), 0.0, False, 0
     t_fetch = time.time()
+    copy_gen = torch.Generator().manual_seed(args.seed + 17)
     for task, batch in loader:
         t_wait += time.time() - t_fetch
+        if args.copy > 0 and torch.rand((), generator=copy_gen) < args.copy:
+            length = int(torch.randint(16, 257, (), generator=copy_gen))
+            task, batch = "copy", copy_batch(enc, args.batch, length, copy_gen)
         elapsed = time.time() - t_start
         if elapsed > budget or (args.steps and step >= args.steps):
             break
@@ -433,15 +489,21 @@ def train(args) -> None:
             g["lr"] = lr
         ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
-        pixel_values = normalise(batch["pixels"].to(device, non_blocking=True))
-        kind = "read" if batch.get("read") else task
-        aux, acc, common = (torch.zeros((), device=device) for _ in range(3))
+        grid = batch.get("grid", False)
+        pixels = None if grid else batch["pixels"]
+        pixel_values = None if pixels is None else normalise(pixels.to(device, non_blocking=True))
+        kind = ("grid-read" if grid else "read") if batch.get("read") else "grid" if grid else task
+        aux, acc, common, align = (torch.zeros((), device=device) for _ in range(4))
         try:
             with autocast:
                 loss = forward(input_ids=ids, pixel_values=pixel_values, labels=labels, use_cache=False).loss
                 feats = tap.pop() if tap else None
                 total = loss
-                if task in aux_w:
+                if feats is not None and task == "synth_docvqa" and args.align > 0:
+                    cells = batch["cells"].to(device, non_blocking=True)
+                    align = align_loss(feats, cells, model.get_input_embeddings(), table)
+                    total = total + args.align * align
+                if feats is not None and task in aux_w:
                     aux, acc = aux_loss(head(feats), batch["cells"].to(device, non_blocking=True))
                     total = total + aux_w[task] * aux
                 if feats is not None:
@@ -456,25 +518,35 @@ def train(args) -> None:
             forward = model
             opt.zero_grad(set_to_none=True)
             continue
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not torch.isfinite(norm):  # one sync a step: a bad batch is skipped, not written into every weight
+            skipped += 1
+            opt.zero_grad(set_to_none=True)
+            if skipped > 100:
+                raise RuntimeError(f"{skipped} steps with a non-finite gradient, the last at step {step}")
+            t_fetch = time.time()
+            continue
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses[kind] += torch.stack([loss.detach().float(), aux.detach().float(), acc.float(), common.detach().float()])
+        losses[kind] += torch.stack(
+            [loss.detach().float(), aux.detach().float(), acc.float(), common.detach().float(), align.detach().float()]
+        )
         stats[kind][1] += 1
         step += 1
         if step in (3, 20) or step % args.log_every == 0:
             parts = []
             for k in kinds:
                 if stats[k][1]:
-                    lm, ax, ac, sh = (losses[k] / stats[k][1]).tolist()
+                    lm, ax, ac, sh, al = (losses[k] / stats[k][1]).tolist()
                     more = [f"aux {ax:.3f} acc {ac:.2f}"] if head and ax else []
-                    more += [f"common {sh:.2f}"] if tap else []
+                    more += [f"common {sh:.2f}"] if tap and k not in ("grid", "grid-read", "copy") else []
+                    more += [f"align {al:.3f}"] if al else []
                     parts.append(f"{k.removeprefix('synth_')} {lm:.3f}" + (f" ({' '.join(more)})" if more else ""))
                     losses[k].zero_(), stats[k].__setitem__(1, 0)
             log(f"step {step} t {elapsed:.0f}s lr {lr:.2e} data-wait {t_wait:.0f}s | " + " ".join(parts))
         t_fetch = time.time()
     train_s = time.time() - t_start
-    log(f"trained {step} steps in {train_s:.0f}s (data wait {t_wait:.0f}s)")
+    log(f"trained {step} steps in {train_s:.0f}s (data wait {t_wait:.0f}s, {skipped} skipped: non-finite gradient)")
     del loader
     save_run(model, out, config=not args.no_config)
     if tap:
@@ -677,6 +749,21 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.0,
         help="weight of a loss on how much the image features' common part outweighs the rest (common_logodds)",
+    )
+    p.add_argument(
+        "--text-grid",
+        type=float,
+        default=0.0,
+        help="share of synth_docvqa batches given as text: each image token replaced by its cell's character",
+    )
+    p.add_argument(
+        "--align",
+        type=float,
+        default=0.0,
+        help="weight of a loss pulling a form's image features to the LM's embeddings of its cells' characters",
+    )
+    p.add_argument(
+        "--copy", type=float, default=0.0, help="share of steps on text-only induction batches (copy_batch)"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
     p.add_argument("--workers", type=int, default=15)

@@ -1,0 +1,89 @@
+"""The training-only curriculum of vlcache/zoo/train.py: forms given as text (--text-grid), the projector pulled to
+the language model's character embeddings (--align), and text-only induction batches (--copy)."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import pytest
+import torch
+
+from vlcache.data import generators
+from vlcache.data.render import GRID, char_class
+
+TINY_SPEC = {"hidden": 64, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 128, "vision_hidden": 32,
+             "vision_layers": 1, "vision_heads": 2}  # fmt: skip
+
+
+def test_grid_table_maps_each_cell_class_to_its_character():
+    from vlcache.zoo.train import Encoder
+
+    enc = Encoder()
+    table = enc.grid_table()
+    for ch in string.printable[:95]:  # the printable characters and the space
+        assert enc.tok.convert_ids_to_tokens(int(table[char_class(ch)])) == ch
+
+
+@pytest.mark.parametrize("index", [0, 7, 123])
+def test_text_grid_lays_the_form_out_as_its_characters(index):
+    from vlcache.zoo.train import Encoder, text_grid_ids, training_batch
+
+    enc = Encoder()
+    samples = [generators()["synth_docvqa"]("train", index + k, labels=True) for k in range(2)]
+    batch = training_batch(enc, samples)
+    ids = text_grid_ids(batch["input_ids"], batch["cells"], enc)
+    image = batch["input_ids"] == enc.image_id
+    assert torch.equal(ids[~image], batch["input_ids"][~image])  # the question and the answer are untouched
+    for row, sample in zip(ids, samples):
+        start = int((batch["input_ids"][0] == enc.image_id).nonzero()[0])
+        chars = "".join(enc.tok.convert_ids_to_tokens(row[start : start + GRID * GRID].tolist()))
+        lines = [chars[r * GRID : (r + 1) * GRID].strip() for r in range(GRID)]
+        for line in sample["transcript"].split("\n"):  # "field: value" keeps its label column in the grid
+            field, _, value = line.partition(": ")
+            assert any(g.startswith(field + (":" if value else "")) and g.endswith(value) for g in lines), line
+    with pytest.raises(ValueError, match="image tokens for"):
+        text_grid_ids(batch["input_ids"], batch["cells"][:1], enc)
+
+
+def test_copy_batch_supervises_the_repeat_only():
+    from vlcache.zoo.train import Encoder, copy_batch
+
+    enc = Encoder()
+    batch = copy_batch(enc, 3, 17, torch.Generator().manual_seed(0))
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == labels.shape == (3, 2 * 17 + 3) and batch["pixels"] is None
+    assert torch.equal(ids[:, 1:18], ids[:, 19:36])
+    assert (ids[:, 0] == enc.tok.bos_token_id).all() and (ids[:, -1] == enc.eos_id).all()
+    assert (labels[:, :19] == -100).all() and torch.equal(labels[:, 19:], ids[:, 19:])
+    text = "".join(enc.tok.convert_ids_to_tokens(ids[:, 1:18].reshape(-1).tolist()))
+    assert not set(text) & set(string.whitespace) and len(set(text)) > 10
+
+
+def test_align_loss_against_a_float64_reference():
+    from vlcache.zoo.train import align_loss
+
+    embed = torch.nn.Embedding(50, 6)
+    table = torch.randint(50, (95,))
+    cells = torch.randint(95, (3, 13), dtype=torch.uint8)
+    target = embed.weight.detach().double()[table[cells.long()]]
+    assert align_loss(target.float(), cells, embed, table).item() == pytest.approx(0.0, abs=1e-6)
+    assert align_loss(torch.zeros(3, 13, 6), cells, embed, table).item() == pytest.approx(1.0, rel=1e-5)
+    feats = torch.randn(3, 13, 6, requires_grad=True)
+    ref = ((feats.detach().double() - target) ** 2).mean() / (target**2).mean()
+    loss = align_loss(feats, cells, embed, table)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    loss.backward()
+    assert feats.grad.abs().sum() > 0 and embed.weight.grad is None  # the embeddings are the target, not pulled
+
+
+def test_training_with_the_curriculum_logs_each_kind(tmp_path):
+    from vlcache.zoo.train import main
+
+    out = tmp_path / "run"
+    main(["--device", "cpu", "--steps", "24", "--batch", "2", "--workers", "0", "--eval-n", "1", "--warmup", "2",
+          "--spec", json.dumps(TINY_SPEC), "--out", str(out), "--tasks", "synth_docvqa", "--text-grid", "0.5",
+          "--align", "1", "--copy", "0.3", "--log-every", "1"])  # fmt: skip
+    log = (out / "log.txt").read_text()
+    assert " grid " in log and " copy " in log and " align " in log and "0 skipped" in log
+    assert (out / "eval.json").exists()
