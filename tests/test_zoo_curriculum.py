@@ -87,3 +87,24 @@ def test_training_with_the_curriculum_logs_each_kind(tmp_path):
     log = (out / "log.txt").read_text()
     assert " grid " in log and " copy " in log and " align " in log and "0 skipped" in log
     assert (out / "eval.json").exists()
+
+
+def test_freeze_lm_trains_the_image_path_only(tmp_path):
+    from safetensors.torch import load_file
+
+    from vlcache.zoo.train import main
+
+    common = ["--device", "cpu", "--batch", "2", "--workers", "0", "--eval-n", "1", "--warmup", "1",
+              "--spec", json.dumps(TINY_SPEC), "--tasks", "synth_docvqa,synth_count"]  # fmt: skip
+    main([*common, "--steps", "1", "--out", str(tmp_path / "a")])
+    main([*common, "--steps", "4", "--resume", str(tmp_path / "a" / "model_fp32.safetensors"), "--freeze-lm",
+          "--align", "1", "--out", str(tmp_path / "b")])  # fmt: skip
+    assert "language model frozen" in (tmp_path / "b" / "log.txt").read_text()
+    before, after = (load_file(str(tmp_path / r / "model_fp32.safetensors")) for r in ("a", "b"))
+    lm = [k for k in before if "language_model" in k or k.startswith("lm_head")]
+    image = [k for k in before if "vision_tower" in k or "multi_modal_projector" in k]
+    assert lm and image and len(lm) + len(image) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in lm)
+    assert any(not torch.equal(before[k], after[k]) for k in image)
+    with pytest.raises(ValueError, match="--freeze-lm trains the image path"):
+        main([*common, "--steps", "1", "--freeze-lm", "--copy", "0.2", "--out", str(tmp_path / "c")])

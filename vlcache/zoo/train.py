@@ -32,7 +32,8 @@ run resumed from weights without it starts a fresh one.
 A curriculum for reading (also training-only, off by default; vlcache/zoo/README.md, "Session 4"): --text-grid gives
 a share of the forms as text, each image token replaced by the character in its cell (text_grid_ids); --align pulls
 the projector's output on a form towards the language model's embeddings of those characters (align_loss); --copy
-adds text-only induction batches (copy_batch), which a 6-layer model needed before it could look a value up.
+adds text-only induction batches (copy_batch), which a 6-layer model needed before it could look a value up;
+--freeze-lm trains the vision tower and the projector only, under a language model that already reads.
 
 Imports only torch, transformers, tokenizers, numpy, PIL and safetensors (plus vlcache.data's generators),
 so that it runs on the GPU machines, which lack lmms-eval and datasets.
@@ -417,7 +418,17 @@ def train(args) -> None:
         log(f"aux loss on the {args.aux_at} features ({tap.dim} -> {NUM_CELL_CLASSES} classes), weights {aux_w}")
     if args.aux_center > 0:
         log(f"common-part loss on the {args.aux_at} features, weight {args.aux_center}")
-    trained = list(model.named_parameters()) + ([(f"aux.{n}", p) for n, p in head.named_parameters()] if head else [])
+    if args.freeze_lm and (args.text_grid > 0 or args.copy > 0):
+        raise ValueError(
+            f"--freeze-lm trains the image path, which --text-grid ({args.text_grid}) and --copy ({args.copy}) "
+            "batches never reach: set them to 0"
+        )
+    if args.freeze_lm:  # the language model (embeddings and head included) keeps its weights: the image path learns
+        for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]:
+            p.requires_grad_(False)
+        log("language model frozen: training the vision tower and the projector")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trained += [(f"aux.{n}", p) for n, p in head.named_parameters()] if head else []
 
     decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
@@ -764,6 +775,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--copy", type=float, default=0.0, help="share of steps on text-only induction batches (copy_batch)"
+    )
+    p.add_argument(
+        "--freeze-lm",
+        action="store_true",
+        help="train the vision tower and the projector only (the language model's weights stay as resumed)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
     p.add_argument("--workers", type=int, default=15)
