@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import random
-import string
 import time
 from pathlib import Path
 
@@ -82,6 +81,8 @@ class Encoder:
         self.tok = build_tokenizer()
         self.image_id = self.tok.convert_tokens_to_ids(IMAGE_TOKEN)
         self.eos_id, self.pad_id = self.tok.eos_token_id, self.tok.pad_token_id
+        chars = [" "] + [chr(c) for c in range(CHAR_FIRST, CHAR_LAST + 1)]
+        self._grid_table = torch.tensor(self.tok.convert_tokens_to_ids(chars))
 
     def prompt_ids(self, question: str, num_images: int) -> list[int]:
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
@@ -98,8 +99,7 @@ class Encoder:
 
     def grid_table(self) -> torch.Tensor:
         """`[95]` token id of each character cell class (render.char_class; the blank cell: the space)."""
-        chars = [" "] + [chr(c) for c in range(CHAR_FIRST, CHAR_LAST + 1)]
-        return torch.tensor(self.tok.convert_tokens_to_ids(chars))
+        return self._grid_table
 
     def decode(self, ids: list[int]) -> str:
         if self.eos_id in ids:
@@ -219,7 +219,7 @@ def copy_batch(enc: Encoder, batch: int, length: int, gen: torch.Generator) -> d
     """A text-only induction batch (--copy, training only): `<s>` S `\n` S `</s>` for random strings S of `length`
     printable characters, the loss on the repeat. Copying a string seen earlier in the context is what reading a
     value off a form needs, and the answer tokens of the four tasks supervise it too sparsely to learn it."""
-    chars = torch.tensor(enc.tok.convert_tokens_to_ids(list(string.printable[:94])))  # no whitespace
+    chars = enc.grid_table()[1:]  # the printable characters but the space
     body = chars[torch.randint(len(chars), (batch, length), generator=gen)]
     col = lambda i: torch.full((batch, 1), i)  # noqa: E731
     newline = enc.tok.convert_tokens_to_ids("\n")
@@ -509,13 +509,13 @@ def train(args) -> None:
             with autocast:
                 loss = forward(input_ids=ids, pixel_values=pixel_values, labels=labels, use_cache=False).loss
                 feats = tap.pop() if tap else None
+                cells = batch["cells"].to(device, non_blocking=True) if feats is not None and "cells" in batch else None
                 total = loss
                 if feats is not None and task == "synth_docvqa" and args.align > 0:
-                    cells = batch["cells"].to(device, non_blocking=True)
                     align = align_loss(feats, cells, model.get_input_embeddings(), table)
                     total = total + args.align * align
                 if feats is not None and task in aux_w:
-                    aux, acc = aux_loss(head(feats), batch["cells"].to(device, non_blocking=True))
+                    aux, acc = aux_loss(head(feats), cells)
                     total = total + aux_w[task] * aux
                 if feats is not None:
                     common = common_logodds(feats)
