@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from vlcache.kernels.decode_attention import decode_attention, num_splits
+from vlcache.kernels.decode_attention import DecodeConfig, decode_attention, num_splits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BACKENDS = ["torch"] + (["triton"] if (INTERPRET or torch.cuda.is_available()) else [])
@@ -92,6 +92,19 @@ def test_split_counts_agree(splits):
     ref = reference(q, k, v, length, d**-0.5)
     out = decode_attention(q, k, v, length, backend="triton", splits=splits)
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [DecodeConfig(block_n=16, num_warps=2, waves=1), DecodeConfig(block_n=32)])
+def test_launch_configs_agree(dtype, config):
+    """Other configurations the sweep (experiments/decode_kernel_sweep.py) times: small tiles, one wave."""
+    b, hkv, group, cap, d = 2, 2, 4, 300, 128
+    lengths = torch.tensor([[300, 17], [1, 150]])
+    q, k, v, length = _inputs(b, hkv, group, cap, d, dtype, lengths)
+    ref = reference(q, k, v, length, d**-0.5)
+    out = decode_attention(q, k, v, length, backend="triton", config=config)
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

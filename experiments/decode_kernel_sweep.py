@@ -1,0 +1,155 @@
+"""Launch configurations of the ragged decode-attention kernel, timed as the decode step runs it: one CUDA graph
+of one call per layer over 32 layers' own buffers (so the keys come from memory, not from L2, and the graph's
+launch gaps are those of the step), at the decode benchmark's points and budgets.
+
+    PYTHONPATH=. python experiments/decode_kernel_sweep.py --out results/bench/decode_kernel_sweep_h200.json
+
+Prints, per point, the configurations sorted by time per layer, with the fraction of the measured copy
+bandwidth (bytes = the valid keys and values once); the JSON holds every row. The shapes are LLaVA-1.6-Mistral-
+7B's (8 KV heads, 32 query heads, head dim 128, bf16); each row's length is the budget's share of the prompt
+±25% (ragged), capacity = the longest row + 100 generated tokens.
+
+results/bench/decode_kernel_sweep_h200.json is this sweep's first run (2026-11-21), before `row_waves` existed:
+its grid varied `k_rows` (key tiles loaded as [BLOCK_N, D] rows and transposed in registers) where this one
+varies `row_waves`. Loading keys as rows changed nothing (within 0.1 µs at every point), so it was removed;
+what that run found is that one split at batch 64 × 8 KV heads beat two (17.9 against 22.5 µs per layer),
+which `row_waves` now does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+
+import torch
+
+from vlcache.kernels.decode_attention import DEFAULT_CONFIG, DecodeConfig, decode_attention, num_splits
+
+LAYERS, HKV, HQ, D = 32, 8, 32, 128
+
+
+def copy_bw(device) -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    return 2 * x.numel() / statistics.median(times)
+
+
+def layers(batch: int, n: int, device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    cap = int(n * 1.25) + 100
+    out = []
+    for _ in range(LAYERS):
+        k = torch.randn(batch, HKV, cap, D, device=device, dtype=torch.bfloat16, generator=g)
+        v = torch.randn(batch, HKV, cap, D, device=device, dtype=torch.bfloat16, generator=g)
+        length = (n * (1 + 0.25 * (2 * torch.rand(batch, HKV, device=device, generator=g) - 1))).long()
+        out.append((k, v, length.clamp(1, cap)))
+    q = torch.randn(batch, HQ, 1, D, device=device, dtype=torch.bfloat16, generator=g)
+    return q, out
+
+
+def time_graph(fn, repeats: int = 20) -> float:
+    """Median ms of one replay of a graph of `fn` (after a warm-up replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del graph
+    return statistics.median(times)
+
+
+def configs(full_only: bool) -> list[DecodeConfig]:
+    if full_only:
+        return [DEFAULT_CONFIG, dataclasses.replace(DEFAULT_CONFIG, row_waves=float("inf"))]
+    grid = itertools.product((1, 2, 4), (16, 32, 64), (2, 4), (2, 3, 4), (2.0, float("inf")))
+    return [
+        dataclasses.replace(DEFAULT_CONFIG, waves=w, block_n=bn, num_warps=nw, num_stages=ns, row_waves=rw)
+        for w, bn, nw, ns, rw in grid
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--points", default="64x2048,4x32768,1x131072,1x32768,1x2048")
+    ap.add_argument("--budgets", default="0.1,1.0")
+    ap.add_argument("--out", default="results/bench/decode_kernel_sweep.json")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    bw = copy_bw(device)
+    rows = []
+    for point in args.points.split(","):
+        batch, prompt = (int(x) for x in point.split("x"))
+        for budget in (float(b) for b in args.budgets.split(",")):
+            q, lay = layers(batch, max(1, round(budget * prompt)), device)
+            nbytes = sum(2 * int(length.sum()) * D * 2 for _, _, length in lay)
+            k0, v0, l0 = lay[0]
+            ref = decode_attention(q.float(), k0.float(), v0.float(), l0, backend="torch")
+            found = []
+            for c in configs(full_only=budget == 1.0):
+                try:
+                    err = float((decode_attention(q, k0, v0, l0, config=c).float() - ref).norm() / ref.norm())
+                    step = lambda c=c, q=q, lay=lay: [decode_attention(q, k, v, n, config=c) for k, v, n in lay]  # noqa: E731
+                    ms = time_graph(step)
+                except Exception as e:  # noqa: BLE001  (a configuration that does not compile is reported)
+                    rows.append(dict(point=point, budget=budget, config=dataclasses.asdict(c), error=str(e)[:200]))
+                    continue
+                row = dict(
+                    point=point,
+                    budget=budget,
+                    config=dataclasses.asdict(c),
+                    splits=num_splits(batch, HKV, k0.shape[2], device, c),
+                    us_per_layer=ms * 1e3 / LAYERS,
+                    frac_of_copy_bw=nbytes / (ms * 1e-3) / bw,
+                    rel_err=err,
+                )
+                rows.append(row)
+                found.append(row)
+            found.sort(key=lambda r: r["us_per_layer"])
+            default = next(r for r in found if r["config"] == dataclasses.asdict(DEFAULT_CONFIG))
+            print(
+                f"\n{point} budget {budget}: {nbytes / LAYERS / 1e6:.1f} MB per layer; default "
+                f"{default['us_per_layer']:.1f} us ({default['frac_of_copy_bw']:.2f} of copy bw)"
+            )
+            for r in found[:8]:
+                c = r["config"]
+                print(
+                    f"  {r['us_per_layer']:7.1f} us  {r['frac_of_copy_bw']:.2f}  splits {r['splits']:3d}  "
+                    f"waves {c['waves']} block_n {c['block_n']} warps {c['num_warps']} stages "
+                    f"{c['num_stages']} row_waves {c['row_waves']}  err {r['rel_err']:.1e}"
+                )
+            del lay
+            torch.cuda.empty_cache()
+    meta = dict(device=torch.cuda.get_device_name(device), copy_bw_bytes_per_s=bw, torch=torch.__version__)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
