@@ -12,6 +12,10 @@ cache was reserved (`CompressedLayer.reserve`), sizes the rule's state to the re
 no `.item()`/`.tolist()`/`bool(tensor)`, no data-dependent shapes, no re-allocation, the token count read from
 `seen_device`. Entries keep their order (deletion shifts later entries left, as `remove` does), because the
 rules' semantics depend on it (recent windows, Elastic's queue, StreamingLLM's consecutive positions).
+
+On CUDA tensors (and CPU tensors under `TRITON_INTERPRET=1`) the graph-safe updates run as Triton kernels
+(vlcache/kernels/rule_ops.py: one to three launches per layer instead of 15-35 PyTorch ops); the PyTorch form
+below stays the fallback and the reference.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import torch
 
 from vlcache.cache import CompressedCache, CompressedLayer
+from vlcache.kernels import rule_ops
 from vlcache.policies.parts import DECODE_RULES, DecodeRule, register
 from vlcache.policies.rope import find_rotary, shift_rope
 
@@ -101,7 +106,9 @@ class H2O(DecodeRule):
         q = query.reshape(b * h, group, 1, d)
         with on_device(q):
             row = kernels.attention_scores(
-                q, layer.keys.reshape(b * h, 1, cap, d), torch.full((b * h, 1), cap - 1, device=q.device),
+                q,
+                layer.keys.reshape(b * h, 1, cap, d),
+                torch.full((b * h, 1), cap - 1, device=q.device),
                 key_valid=layer.valid_mask().reshape(b * h, cap),
             ).col.reshape(b, h, cap)
         s = s + row
@@ -128,6 +135,7 @@ class H2O(DecodeRule):
         if not self.active:
             return
         self.static_keep, self.static_recent = [], []
+        self.static_scratch = None  # the Triton form's buffers, made at the first update (the group is known there)
         for layer_idx, layer in enumerate(cache.layers):
             s = self.scores[layer_idx]
             b, h, k = s.shape
@@ -149,10 +157,27 @@ class H2O(DecodeRule):
         layer = cache.layers[layer_idx]
         cap = layer.capacity
         s = self.scores[layer_idx]
+        first = min(self.sinks, cap - 1)
+        if rule_ops.supported(layer.keys):  # the same update in one to three launches
+            if self.static_scratch is None:  # the fast path's first step runs eagerly, before the capture
+                group = query.shape[1] // layer.keys.shape[1]
+                self.static_scratch = rule_ops.RuleScratch.for_layers(cache.layers, side=1, group=group)
+            rule_ops.h2o_step_(
+                query,
+                layer.keys,
+                layer.values,
+                layer.positions,
+                layer.length,
+                s,
+                self.static_keep[layer_idx],
+                self.static_recent[layer_idx],
+                first,
+                self.static_scratch[layer_idx],
+            )
+            return
         s.add_(decode_row_scores(query, layer.keys, layer.length))
         n = layer.length[..., None]
         slot = torch.arange(cap, device=s.device)
-        first = min(self.sinks, cap - 1)
         candidate = (slot >= first) & (slot < n - self.static_recent[layer_idx])
         victim = torch.where(candidate, s, torch.inf).argmin(-1)
         # no candidate (the protected tokens fill the cache): drop the oldest non-sink entry
@@ -208,6 +233,10 @@ class FixedPoint(DecodeRule):
             return
         self.static_lengths = [self.info.lengths.to(layer.device) for layer in cache.layers]
         self.static_n_tl = [self.n_tl[i].to(layer.device) for i, layer in enumerate(cache.layers)]
+        # the Triton form's float64 [budget, eps] (a float argument would reach the kernel as float32)
+        self.static_consts = [
+            torch.tensor([self.budget, 1e-9], dtype=torch.float64, device=layer.device) for layer in cache.layers
+        ]
 
     def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
         """Graph-safe `on_token` (Elastic Cache, Liu et al. 2024, fixed-point elimination): the eager loop's
@@ -221,6 +250,19 @@ class FixedPoint(DecodeRule):
         if not self.active:
             return
         layer = cache.layers[layer_idx]
+        if rule_ops.supported(layer.keys):  # the same arithmetic and deletion in one launch
+            rule_ops.drop_fixed_point_(
+                layer.keys,
+                layer.values,
+                layer.positions,
+                layer.length,
+                self.static_n_tl[layer_idx],
+                self.static_lengths[layer_idx],
+                layer.seen_device,
+                self.info.m,
+                self.static_consts[layer_idx],
+            )
+            return
         seen = (self.static_lengths[layer_idx] + (layer.seen_device - self.info.m)).double()
         limit = torch.ceil(self.budget * seen - 1e-9).long()[:, None]
         n = layer.length
@@ -296,6 +338,9 @@ class Rolling(DecodeRule):
         self.static_keep = [self.keep[i].to(d) for i, d in enumerate(devices)]
         self.static_base = [self.base[i].to(d)[..., None] for i, d in enumerate(devices)]
         self.static_sinks = [torch.full_like(layer.length, self.sinks) for layer in cache.layers]
+        # the Triton form's side buffers (else allocated per call, e.g. where the kernels were not on at reserve)
+        supported = rule_ops.supported(cache.layers[0].keys)
+        self.static_scratch = rule_ops.RuleScratch.for_layers(cache.layers, side=1) if supported else None
 
     def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
         """Graph-safe `on_token` (StreamingLLM, Xiao et al. 2024, rolling cache): the oldest non-sink entry
@@ -305,8 +350,19 @@ class Rolling(DecodeRule):
         if not self.active:
             return
         layer = cache.layers[layer_idx]
-        over = (layer.length > self.static_keep[layer_idx]).long()
-        layer.drop_(torch.minimum(self.static_sinks[layer_idx], layer.length - 1), over)
+        if rule_ops.supported(layer.keys):  # the deletion in one launch (two at long rows)
+            rule_ops.drop_oldest_(
+                layer.keys,
+                layer.values,
+                layer.positions,
+                layer.length,
+                self.static_keep[layer_idx],
+                self.sinks,
+                scratch=self.static_scratch and self.static_scratch[layer_idx],
+            )
+        else:
+            over = (layer.length > self.static_keep[layer_idx]).long()
+            layer.drop_(torch.minimum(self.static_sinks[layer_idx], layer.length - 1), over)
         s = self.sink_keys[layer_idx].shape[2]
         if s == 0:  # a Python int (the sink count), not a tensor value
             return

@@ -1,0 +1,312 @@
+"""Per-token decode rules of the fast path: the PyTorch static form against the Triton form (rule_ops.py).
+
+At the decode benchmark's shapes (bench.md; LLaVA-1.6-Mistral-7B's language model: 32 layers, 8 KV heads, 32 query
+heads, head dim 128, bf16) and per point (batch, prompt), a reserved `CompressedCache` is filled with random entries,
+`keep = ceil(0.1 · prompt)` per row plus 100 reserved slots, and each rule is set up as its preset does:
+
+* ``h2o`` (Zhang et al. 2023): random prefill scores, no sinks, recent window half the keep count;
+* ``fixed_point`` (Elastic Cache, Liu et al. 2024): budget 0.1 of the tokens seen, recent distance 24;
+* ``rolling`` (StreamingLLM, Xiao et al. 2024): 4 sinks, re-rotated by a plain RoPE module.
+
+One decode step's rule work is, for every layer, the append of a random entry (`CompressedLayer.update`) and
+`on_token_static`. Each of three steps is captured in a CUDA graph: the appends alone, appends + the PyTorch form,
+appends + the Triton form; a graph is replayed ``--iters`` times between CUDA events, median over ``--repeats``
+(after ``--warmup`` eager steps). The rule's cost is the step minus the appends. Before timing, both forms run
+``--check-steps`` steps on the same random inputs and their caches are compared (same lengths, same valid keys,
+values and positions; H2O's scores allclose).
+
+Prints one table and writes JSON to ``--out``. Imports only torch, triton and vlcache. ``--tiny``: small shapes, on
+the CPU under ``TRITON_INTERPRET=1`` (no graphs, host clock) to check the script.
+
+Usage: python experiments/bench_rules.py [--points 1x2048,1x32768,1x131072,64x2048] [--rules h2o,fixed_point,rolling]
+       [--repeats 20] [--iters 10] [--min-per-split N] [--block-n N] [--block-s N] [--num-warps N]
+       [--precision ieee|tf32x3] [--tiny] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import triton
+
+from vlcache.cache import CompressedCache
+from vlcache.kernels import rule_ops
+from vlcache.policies.decode_rules import H2O, FixedPoint, Rolling
+
+BUDGET = 0.1
+RESERVED = 100
+
+
+@dataclasses.dataclass
+class Shape:
+    layers: int = 32
+    kv_heads: int = 8
+    q_heads: int = 32
+    head_dim: int = 128
+    dtype: torch.dtype = torch.bfloat16
+
+
+TINY = Shape(layers=2, kv_heads=2, q_heads=8, head_dim=32)
+
+
+class Rotary(torch.nn.Module):
+    """Plain RoPE (Su et al. 2021) with the rotary modules' interface: `(cos, sin)` of `positions · θ^(-2i/D)`."""
+
+    def __init__(self, d: int, device) -> None:
+        super().__init__()
+        self.inv_freq = 1.0 / 1e6 ** (torch.arange(0, d, 2, device=device).float() / d)
+
+    def forward(self, x, position_ids):
+        f = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat([f, f], -1)
+        return emb.cos(), emb.sin()
+
+
+@contextlib.contextmanager
+def form(name: str):
+    """`on_token_static` (and `drop_`) in their PyTorch form (the kernels reported unsupported), or as they are."""
+    saved = rule_ops.supported
+    if name == "torch":
+        rule_ops.supported = lambda t: False
+    try:
+        yield
+    finally:
+        rule_ops.supported = saved
+
+
+def build(rule_name: str, batch: int, prompt: int, shape: Shape, device, seed: int):
+    """A reserved cache of random entries and the rule set up on it (as `Policy.compress` and the fast path do)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    keep = math.ceil(BUDGET * prompt)
+    L, H, D = shape.layers, shape.kv_heads, shape.head_dim
+    cache = CompressedCache(L)
+    for layer in cache.layers:
+        rand = lambda: torch.randn(batch, H, keep, D, generator=gen, device=device).to(shape.dtype)  # noqa: E731
+        layer.update(rand(), rand())
+        layer.seen = prompt  # the prompt was `prompt` tokens long; `keep` of them were kept
+        layer.positions = (torch.arange(keep, device=device) * (prompt // keep)).expand(batch, H, keep).clone()
+    keep_counts = torch.full((L, batch, H), keep, device=device)
+    info = SimpleNamespace(lengths=torch.full((batch,), prompt, device=device), m=prompt,
+                           pad=torch.zeros(batch, dtype=torch.long, device=device))  # fmt: skip
+    if rule_name == "h2o":
+        rule = H2O()
+        scores = [torch.rand(batch, H, keep, generator=gen, device=device) for _ in range(L)]
+        recent = torch.full((L, batch), round(0.5 * keep), device=device)
+        rule.setup(cache, info, BUDGET, keep_counts, scores=scores, sinks=0, recent=recent)
+    elif rule_name == "fixed_point":
+        rule = FixedPoint(24)
+        rule.setup(cache, info, BUDGET, keep_counts)
+    else:
+        rule = Rolling()
+        rule.rotary = Rotary(D, device)
+        rule.setup(cache, info, BUDGET, keep_counts, sinks=4)
+    for layer in cache.layers:
+        layer.reserve(keep + RESERVED)
+    rule.prepare_static(cache)
+    return rule, cache
+
+
+def make_step(rule, cache, inputs):
+    """Every layer: the new entry appended, then the rule's update; without a rule, the append is undone (one more
+    launch per layer) so that the buffers do not overflow."""
+    k, v, q = inputs
+
+    def step():
+        for i, layer in enumerate(cache.layers):
+            layer.update(k[i], v[i])
+            if rule is not None:
+                rule.on_token_static(i, q[i], cache)
+            else:
+                layer.length.sub_(1)
+
+    return step
+
+
+class Runner:
+    """One step in one form (`form`), warmed up and captured in a CUDA graph on CUDA; `run()` replays it (on the
+    CPU it runs the step again, in its form)."""
+
+    def __init__(self, step, name: str, warmup: int, device) -> None:
+        self.step, self.name = step, name
+        self.cuda = device.type == "cuda"
+        self.graph = None
+        with form(name):
+            if self.cuda:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(warmup):
+                        step()
+                torch.cuda.current_stream(device).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    step()
+            else:
+                for _ in range(warmup):
+                    step()
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with form(self.name):
+                self.step()
+
+    def time_ms(self, repeats: int, iters: int) -> float:
+        """Median over `repeats` of the mean time of `iters` back-to-back steps."""
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    self.run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / iters)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    self.run()
+                times.append((time.perf_counter() - t0) * 1e3 / iters)
+        return statistics.median(times)
+
+
+def compare(rules, caches, rule_name: str) -> dict:
+    """Rows whose valid entries differ between the two forms (and H2O's largest score difference)."""
+    differ, score_err = 0, 0.0
+    for i, (a, b) in enumerate(zip(caches[0].layers, caches[1].layers)):
+        same = a.length == b.length
+        valid = torch.arange(a.capacity, device=a.length.device) < torch.minimum(a.length, b.length)[..., None]
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            same &= ((x == y).all(-1) | ~valid).all(-1)
+        same &= ((a.positions == b.positions) | ~valid).all(-1)
+        differ += int((~same).sum())
+        if rule_name == "h2o":
+            s, t = rules[0].scores[i], rules[1].scores[i]
+            score_err = max(score_err, float(((s - t).abs() / (t.abs() + 1e-6)).max()))
+    return {"rows_differing": differ, "equal": differ == 0, "h2o_score_max_rel_err": score_err}
+
+
+def launches(rule_name: str, batch: int, cap: int, shape: Shape, device) -> str:
+    """The Triton form's launches per layer (rule_ops.py), from the row split the shapes give."""
+    n = rule_ops.num_splits(batch * shape.kv_heads, cap, device)
+    if rule_name == "h2o":
+        return "1" if n == 1 else "3"
+    if rule_name == "rolling":
+        return ("1" if n == 1 else "2") + " + sink re-rotation (PyTorch)"
+    return "1"
+
+
+def bench_point(rule_name, batch, prompt, shape, device, args) -> dict:
+    keep = math.ceil(BUDGET * prompt)
+    gen = torch.Generator(device).manual_seed(1)
+    L, H, Hq, D = shape.layers, shape.kv_heads, shape.q_heads, shape.head_dim
+    inputs = [torch.empty(L, batch, h, 1, D, device=device, dtype=shape.dtype) for h in (H, H, Hq)]
+
+    def refill():
+        for t in inputs:
+            t.copy_(torch.randn(t.shape, generator=gen, device=device))
+
+    refill()
+    rules, caches, runners = [], [], {}
+    for name in ("torch", "triton"):
+        with form(name):
+            rule, cache = build(rule_name, batch, prompt, shape, device, seed=0)
+        runners[name] = Runner(make_step(rule, cache, inputs), name, args.warmup, device)
+        rules.append(rule)
+        caches.append(cache)
+    # the same inputs through both forms, step after step, then the caches compared
+    for _ in range(args.check_steps):
+        refill()
+        for name in ("torch", "triton"):
+            runners[name].run()
+    check = compare(rules[::-1], caches[::-1], rule_name)  # [0]: Triton
+    row = {"rule": rule_name, "batch": batch, "prompt": prompt, "keep": keep, "capacity": keep + RESERVED}
+    row.update(check)
+    for name in ("torch", "triton"):
+        row[f"{name}_step_ms"] = runners[name].time_ms(args.repeats, args.iters)
+    del rules, caches, runners
+    _, cache = build(rule_name, batch, prompt, shape, device, seed=0)
+    row["append_ms"] = Runner(make_step(None, cache, inputs), "triton", args.warmup, device).time_ms(
+        args.repeats, args.iters
+    )
+    for name in ("torch", "triton"):
+        row[f"{name}_rule_ms"] = row[f"{name}_step_ms"] - row["append_ms"]
+    row["speedup"] = row["torch_rule_ms"] / max(row["triton_rule_ms"], 1e-9)
+    row["triton_launches_per_layer"] = launches(rule_name, batch, keep + RESERVED, shape, device)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--points", default="1x2048,1x32768,1x131072,64x2048", help="BATCHxPROMPT, comma-separated")
+    p.add_argument("--rules", default="h2o,fixed_point,rolling")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--iters", type=int, default=10, help="graph replays per timed repeat")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--check-steps", type=int, default=20)
+    p.add_argument("--min-per-split", type=int, help="rule_ops.RuleConfig override (row split)")
+    p.add_argument("--block-n", type=int, help="rule_ops.RuleConfig override (H2O key tile, split unit)")
+    p.add_argument("--block-s", type=int, help="rule_ops.RuleConfig override (shift tile)")
+    p.add_argument("--num-warps", type=int, help="rule_ops.RuleConfig override")
+    p.add_argument("--precision", choices=["ieee", "tf32x3"], help="H2O's logits (rule_ops.RuleConfig)")
+    p.add_argument("--tiny", action="store_true", help="small shapes (CPU under TRITON_INTERPRET=1, or CUDA)")
+    p.add_argument("--out", default="results/bench/rules_h200.json")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not rule_ops.supported(torch.empty(0)):
+        raise SystemExit("no CUDA: run with TRITON_INTERPRET=1 (and --tiny)")
+    shape = TINY if args.tiny else Shape()
+    points = "1x512,2x300" if args.tiny and args.points == p.get_default("points") else args.points
+    if args.tiny:
+        args.repeats, args.iters, args.check_steps = min(args.repeats, 2), min(args.iters, 2), min(args.check_steps, 5)
+        args.min_per_split = args.min_per_split or 32  # rows of a few hundred entries still split
+        args.block_n = args.block_n or 16
+    names = ("min_per_split", "block_n", "block_s", "num_warps", "precision")
+    over = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    rule_ops.DEFAULT_CONFIG = dataclasses.replace(rule_ops.DEFAULT_CONFIG, **over)
+
+    rows = []
+    head = f"{'point':>9} {'rule':>11} {'cap':>6} {'append':>7} {'torch':>7} {'triton':>7} {'x':>6}  launches  equal"
+    print(f"rule update per decode step, all {shape.layers} layers, ms (step minus the appends); {device}")
+    print(head)
+    with torch.inference_mode():
+        for point in points.split(","):
+            batch, prompt = (int(x) for x in point.split("x"))
+            for rule_name in args.rules.split(","):
+                r = bench_point(rule_name, batch, prompt, shape, device, args)
+                rows.append(r)
+                print(f"{point:>9} {rule_name:>11} {r['capacity']:>6} {r['append_ms']:7.3f} {r['torch_rule_ms']:7.3f} "
+                      f"{r['triton_rule_ms']:7.3f} {r['speedup']:6.1f}  {r['triton_launches_per_layer']:<8}  "
+                      f"{r['equal']} ({r['rows_differing']} rows differ)", flush=True)  # fmt: skip
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "shape": {k: str(v) for k, v in dataclasses.asdict(shape).items()},
+        "config": dataclasses.asdict(rule_ops.DEFAULT_CONFIG),
+        "budget": BUDGET,
+        "reserved": RESERVED,
+        "args": vars(args),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    if not all(r["equal"] for r in rows):
+        raise SystemExit("the two forms' caches differ (see rows_differing)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,728 @@
+"""Graph-safe Triton forms of the decode rules' per-token cache updates (decode_rules.py, `on_token_static`).
+
+In the CUDA-graph decode step, H2O, Elastic Cache's fixed point and StreamingLLM's rolling cache update every layer
+after every token. As PyTorch ops that is 15-35 launches per layer (at batch 1 about as long as the rest of a 7B
+model's step) and, at long rows, a gather of the whole reserved buffer into a temporary (`CompressedLayer.drop_`)
+and H2O's keys in float32. Here a rule costs one to three launches per layer, which move only the entries that move:
+
+* `shift_rows_`: deletes entries `[start, start + count)` of each (sequence, KV head) row in place, shifting the
+  later valid entries left, and `length -= count` (what `CompressedLayer.drop_` does); `drop_oldest_` (Rolling)
+  and `drop_fixed_point_` (FixedPoint) compute that block from the rule's state in the same launch.
+* `h2o_step_`: H2O's update (Zhang et al., NeurIPS 2023, Algorithm 1): the decode query's attention added to the
+  running scores, the victim, its deletion.
+
+Long rows are cut into chunks of `per` entries (whole `block_n` blocks, computed in the kernel from the row's length),
+one program each; the number of chunks depends only on the shapes (`num_splits`), so a captured graph stays valid
+as lengths change. A left shift by `count` makes chunk k read the first `count` entries of chunk k+1, which chunk k+1
+may already have overwritten: a first launch copies each chunk's first `side` entries to a side buffer, and the
+shift reads them from there. A row whose `count` exceeds `side` is shifted by its first program alone (serially,
+always correct). Count bounds: H2O and Rolling delete at most one entry per row and step (`count = length > keep`);
+FixedPoint deletes `excess = length - limit`, normally 0 or 1 but unbounded, and runs one program per row (its
+moved span is short: from `N_tl` = keep - 24 to the end).
+
+Scratch (`RuleScratch`) is allocated once per device, before the capture (Rolling: `prepare_static`; H2O: its first
+update, the fast path's eager warm-up step, where the query's group is known), and shared by the layers, which run
+one after the other; so the captured step allocates nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_attention import _interpreting, _sm_count
+
+__all__ = [
+    "RuleConfig",
+    "RuleScratch",
+    "drop_fixed_point_",
+    "drop_oldest_",
+    "h2o_step_",
+    "num_splits",
+    "shift_rows_",
+    "supported",
+]
+
+_BIG = tl.constexpr(2**62)  # the index of "no candidate" in partial argmins
+
+
+@dataclasses.dataclass
+class RuleConfig:
+    """Launch parameters. A row is split into at most ``max_splits`` chunks of at least ``min_per_split`` entries
+    (of the capacity), aiming at ``waves × SMs`` programs; ``block_n`` is the unit of a chunk and H2O's key tile,
+    ``block_s`` the shift's tile. ``precision``: how H2O's float32 logits are computed (``"auto"``: ``"split"`` for
+    16-bit keys, ``"ieee"`` for float32 ones): ``"split"``, the scaled query as three parts of the keys' 16-bit type
+    (their sum is the query to float32 precision) on tensor cores, each part's products with a key exact in
+    float32, so the logits agree with the float32 form to float32 rounding; ``"ieee"``, float32 FMAs (on 16-bit keys
+    they spill registers: slow); ``"tf32x3"``, tensor cores on float32 operands (about 2^-21 relative)."""
+
+    block_n: int = 64
+    block_s: int = 32
+    waves: int = 4
+    min_per_split: int = 256
+    max_splits: int = 64
+    num_warps: int = 4
+    precision: str = "auto"
+
+
+DEFAULT_CONFIG = RuleConfig()
+
+
+def supported(t: torch.Tensor) -> bool:
+    """Whether the kernels run on `t`: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+    return t.is_cuda or (t.device.type == "cpu" and _interpreting())
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: `t`'s (a model split with device_map has layers on several)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def num_splits(rows: int, cap: int, device: torch.device, config: RuleConfig | None = None) -> int:
+    """Chunks per row: a function of the shapes only (not the lengths), so a captured graph stays valid."""
+    config = config or DEFAULT_CONFIG
+    want = triton.cdiv(config.waves * _sm_count(device), rows)
+    return max(1, min(want, cap // config.min_per_split, config.max_splits))
+
+
+class RuleScratch:
+    """Buffers for the launches of one device, allocated once (`prepare_static`) and shared by the layers.
+
+    `side_*`: each chunk's first `side` entries (keys, values, positions, the extra row); `nbuf`: each row's length
+    before the update (read by the shift while its first program rewrites `length`); with `group`, H2O's float32
+    logits `[rows, group, cap]`, per-split softmax max/sum and argmin partials.
+    """
+
+    def __init__(self, keys: torch.Tensor, cap: int, splits: int, side: int, group: int = 0) -> None:
+        b, h, _, d = keys.shape
+        rows, dev, f32 = b * h, keys.device, torch.float32
+        self.rows, self.cap, self.splits, self.side, self.group = rows, cap, splits, side, group
+        self.nbuf = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.side_k = torch.zeros(rows, splits, side, d, dtype=keys.dtype, device=dev)
+        self.side_v = torch.zeros_like(self.side_k)
+        self.side_p = torch.zeros(rows, splits, side, dtype=torch.long, device=dev)
+        self.side_e = torch.zeros(rows, splits, side, dtype=f32, device=dev)
+        if group:
+            self.logits = torch.zeros(rows, group, cap, dtype=f32, device=dev)
+            self.part_m = torch.zeros(rows, splits, group, dtype=f32, device=dev)
+            self.part_l = torch.zeros_like(self.part_m)
+            self.part_v = torch.zeros(rows, splits, dtype=f32, device=dev)
+            self.part_i = torch.zeros(rows, splits, dtype=torch.long, device=dev)
+
+    @classmethod
+    def for_layers(cls, layers, *, side: int, group: int = 0, config: RuleConfig | None = None) -> list:
+        """One scratch per device, sized to the largest capacity there; returned per layer."""
+        made = {}
+        for layer in layers:
+            keys = layer.keys
+            if keys.device not in made:
+                cap = max(other.capacity for other in layers if other.keys.device == keys.device)
+                b, h = keys.shape[:2]
+                made[keys.device] = cls(keys, cap, num_splits(b * h, cap, keys.device, config), side, group)
+        return [made[layer.keys.device] for layer in layers]
+
+    def check(self, keys: torch.Tensor, splits: int, group: int = 0) -> None:
+        b, h, cap, _ = keys.shape
+        if b * h > self.rows or cap > self.cap or splits > self.splits or group > self.group:
+            raise ValueError(
+                f"scratch for {self.rows} rows x {self.cap} x {self.splits} splits x group "
+                f"{self.group} is too small for {tuple(keys.shape)}, {splits} splits, group {group}"
+            )
+
+
+# -- the shift -------------------------------------------------------------------------------------------------
+# packed argument lists, as in the other kernel files
+# fmt: off
+@triton.jit
+def _per(n, NCHUNK, BLOCK: tl.constexpr):
+    """Entries per chunk of a row of `n` valid entries: whole blocks, at least one."""
+    return tl.maximum(tl.cdiv(tl.cdiv(n, NCHUNK), BLOCK), 1) * BLOCK
+
+
+@triton.jit
+def _shift_row(
+    k_row, v_row, p_row, e_row, sk_row, sv_row, sp_row, se_row,
+    s_kn, s_vn, s_pn, s_en,
+    n, start, count, chunk, per, NCHUNK, cap, D,
+    HAS_EXTRA: tl.constexpr, ZERO_EXTRA: tl.constexpr, SIDE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """This program's part of deleting `[start, start + count)` from a row of `n` entries (`*_row`: the row's
+    entry 0 in the cache, and in the side buffers, whose chunk c entry i is `c * SIDE + i`)."""
+    par = count <= SIDE  # chunked; else the first program shifts the whole row
+    end = n - count  # the new length
+    s = tl.maximum(start, 0)
+    lo = tl.where(par, tl.maximum(chunk * per, s), tl.where(chunk == 0, s, end))
+    hi = tl.where(par, tl.minimum((chunk + 1) * per, end), end)
+    hi = tl.where(count > 0, hi, lo)  # nothing to delete: nothing moves
+    nxt = tl.where(par, (chunk + 1) * per, n)  # the next chunk's first entry: read from the side buffer if it moves
+    lim = tl.where(nxt < end, nxt, n)  # sources from `lim` on come from the side buffer
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    for j0 in range(lo, hi, BLOCK_S):
+        j = j0 + tl.arange(0, BLOCK_S)
+        ok = j < hi
+        src = j + count
+        # (scalar conditions folded into vector comparisons: the interpreter mistypes scalar & vector masks)
+        side = ok & (src >= lim)
+        main = ok & (src < lim)
+        sj = (chunk + 1) * SIDE + src - nxt
+        m2, s2 = main[:, None] & d_ok[None, :], side[:, None] & d_ok[None, :]
+        kt = tl.load(k_row + src[:, None] * s_kn + d[None, :], mask=m2)
+        kt = tl.where(s2, tl.load(sk_row + sj[:, None] * D + d[None, :], mask=s2), kt)
+        vt = tl.load(v_row + src[:, None] * s_vn + d[None, :], mask=m2)
+        vt = tl.where(s2, tl.load(sv_row + sj[:, None] * D + d[None, :], mask=s2), vt)
+        pt = tl.load(p_row + src * s_pn, mask=main)
+        pt = tl.where(side, tl.load(sp_row + sj, mask=side), pt)
+        if HAS_EXTRA:
+            et = tl.load(e_row + src * s_en, mask=main)
+            et = tl.where(side, tl.load(se_row + sj, mask=side), et)
+        # every load of the tile before any store: its sources and destinations overlap (other threads' entries)
+        tl.debug_barrier()
+        o2 = ok[:, None] & d_ok[None, :]
+        tl.store(k_row + j[:, None] * s_kn + d[None, :], kt, mask=o2)
+        tl.store(v_row + j[:, None] * s_vn + d[None, :], vt, mask=o2)
+        tl.store(p_row + j * s_pn, pt, mask=ok)
+        if HAS_EXTRA:
+            tl.store(e_row + j * s_en, et, mask=ok)
+    if ZERO_EXTRA:  # freed and spare slots of the extra row restart at 0
+        tl.debug_barrier()
+        # [end, n) was read by the program whose range ends at end - 1: that one clears it
+        owner = tl.where(par, tl.maximum(end - 1, 0) // per, 0)
+        for z0 in range(tl.where(chunk == owner, tl.maximum(end, 0), n), n, BLOCK_S):
+            z = z0 + tl.arange(0, BLOCK_S)
+            tl.store(e_row + z * s_en, tl.zeros([BLOCK_S], tl.float32), mask=z < n)
+        zp = tl.cdiv(cap - n, NCHUNK)  # [n, cap) is read by nobody: shared out
+        for z0 in range(n + chunk * zp, tl.minimum(n + (chunk + 1) * zp, cap), BLOCK_S):
+            z = z0 + tl.arange(0, BLOCK_S)
+            tl.store(e_row + z * s_en, tl.zeros([BLOCK_S], tl.float32), mask=z < cap)
+
+
+@triton.jit
+def _save_side(
+    k_row, v_row, p_row, e_row, sk_row, sv_row, sp_row, se_row, s_kn, s_vn, s_pn, s_en,
+    n, chunk, per, D, HAS_EXTRA: tl.constexpr, SIDE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Copies this chunk's first `SIDE` entries to the side buffer (chunk 0's are never read from there)."""
+    i = tl.arange(0, SIDE)
+    e = chunk * per + i
+    ok = e < tl.where(chunk > 0, n, 0)
+    d = tl.arange(0, BLOCK_D)
+    o2 = ok[:, None] & (d < D)[None, :]
+    sj = chunk * SIDE + i
+    tl.store(sk_row + sj[:, None] * D + d[None, :], tl.load(k_row + e[:, None] * s_kn + d[None, :], mask=o2), mask=o2)
+    tl.store(sv_row + sj[:, None] * D + d[None, :], tl.load(v_row + e[:, None] * s_vn + d[None, :], mask=o2), mask=o2)
+    tl.store(sp_row + sj, tl.load(p_row + e * s_pn, mask=ok), mask=ok)
+    if HAS_EXTRA:
+        tl.store(se_row + sj, tl.load(e_row + e * s_en, mask=ok), mask=ok)
+
+
+@triton.jit
+def _save_kernel(
+    k_ptr, v_ptr, p_ptr, e_ptr, len_ptr, nbuf_ptr, sk_ptr, sv_ptr, sp_ptr, se_ptr,
+    H, D, NCHUNK, s_sr,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_eb, s_eh, s_en, s_lb, s_lh,
+    HAS_EXTRA: tl.constexpr, SIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    b, h = row // H, row % H
+    n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int64)
+    tl.store(nbuf_ptr + row, n, mask=chunk == 0)
+    _save_side(
+        k_ptr + b * s_kb + h * s_kh, v_ptr + b * s_vb + h * s_vh, p_ptr + b * s_pb + h * s_ph,
+        e_ptr + b * s_eb + h * s_eh, sk_ptr + row * s_sr * D, sv_ptr + row * s_sr * D, sp_ptr + row * s_sr,
+        se_ptr + row * s_sr, s_kn, s_vn, s_pn, s_en, n, chunk, _per(n, NCHUNK, BLOCK_N), D,
+        HAS_EXTRA, SIDE, BLOCK_D,
+    )
+
+
+@triton.jit
+def _shift_kernel(
+    k_ptr, v_ptr, p_ptr, e_ptr, len_ptr, nbuf_ptr, sk_ptr, sv_ptr, sp_ptr, se_ptr,
+    a_ptr, c_ptr, pv_ptr, pi_ptr, f_ptr, seen_ptr,
+    H, cap, D, NCHUNK, s_sr, s_pr, m_off, first,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_eb, s_eh, s_en, s_lb, s_lh, s_ab, s_ah, s_cb, s_ch,
+    RULE: tl.constexpr, FROM_NBUF: tl.constexpr, HAS_EXTRA: tl.constexpr, ZERO_EXTRA: tl.constexpr,
+    SIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid `(rows, NCHUNK)`. Which block a row deletes (`RULE`), from the row's length `n` before the update:
+
+    0. given: `start`, `count` = `a`, `c` `[B, H]`;
+    1. Rolling: `count = n > keep` (`a`), `start = min(n - 1, first)` (the oldest entry after the sinks);
+    2. H2O: as 1, but `start` = the lowest-scored candidate (argmin partials `pv`/`pi`, `[rows, NPART]`) where
+       there is one (`n - recent > first`, `recent` = `c` `[B]`);
+    3. FixedPoint: `limit = ceil(budget · (prompt length + seen − m) − eps)` (float64 `f` = [budget, eps],
+       prompt lengths `c` `[B]`), `count = max(n − limit, 0)`, `start = max(min(N_tl, n − 1, n − count), 0)`.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    b, h = row // H, row % H
+    if FROM_NBUF:  # several programs per row: `length` is rewritten below, read the copy
+        n = tl.load(nbuf_ptr + row)
+    else:
+        n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int64)
+    if RULE == 0:
+        start = tl.load(a_ptr + b * s_ab + h * s_ah).to(tl.int64)
+        count = tl.load(c_ptr + b * s_cb + h * s_ch).to(tl.int64)
+    elif RULE == 3:
+        seen = (tl.load(c_ptr + b * s_cb).to(tl.int64) + tl.load(seen_ptr) - m_off).to(tl.float64)
+        y = tl.load(f_ptr) * seen - tl.load(f_ptr + 1)  # no fused multiply-add (launched without fp fusion)
+        t = y.to(tl.int64)  # ceil without libdevice: truncation, plus one below a non-integer positive y
+        limit = t + (t.to(tl.float64) < y).to(tl.int64)
+        count = tl.maximum(n - limit, 0)
+        ntl = tl.load(a_ptr + b * s_ab + h * s_ah).to(tl.int64)
+        start = tl.maximum(tl.minimum(tl.minimum(ntl, n - 1), n - count), 0)
+    else:
+        count = (n > tl.load(a_ptr + b * s_ab + h * s_ah)).to(tl.int64)
+        start = tl.minimum(n - 1, first)
+        if RULE == 2:
+            sp = tl.arange(0, BLOCK_P)
+            val = tl.load(pv_ptr + row * s_pr + sp, mask=sp < NCHUNK, other=float("inf"))
+            idx = tl.load(pi_ptr + row * s_pr + sp, mask=sp < NCHUNK, other=_BIG)
+            # lowest score, lowest index among equal scores (torch.argmin's tie rule; splits are in slot order)
+            victim = tl.min(tl.where(val == tl.min(val, 0), idx, _BIG), 0)
+            start = tl.where(n - tl.load(c_ptr + b * s_cb) > first, victim, start)
+    _shift_row(
+        k_ptr + b * s_kb + h * s_kh, v_ptr + b * s_vb + h * s_vh, p_ptr + b * s_pb + h * s_ph,
+        e_ptr + b * s_eb + h * s_eh, sk_ptr + row * s_sr * D, sv_ptr + row * s_sr * D, sp_ptr + row * s_sr,
+        se_ptr + row * s_sr, s_kn, s_vn, s_pn, s_en,
+        n, start, count, chunk, _per(n, NCHUNK, BLOCK_N), NCHUNK, cap, D,
+        HAS_EXTRA, ZERO_EXTRA, SIDE, BLOCK_S, BLOCK_D,
+    )
+    tl.store(len_ptr + b * s_lb + h * s_lh, n - count, mask=chunk == 0)
+
+
+# fmt: on
+
+
+def _check_rows(keys, values, positions, length, extra=None) -> None:
+    b, h, cap, d = keys.shape
+    if values.shape != keys.shape or positions.shape != (b, h, cap) or length.shape != (b, h):
+        raise ValueError(
+            f"want keys/values [B, H, cap, D], positions [B, H, cap], length [B, H]; got "
+            f"{tuple(keys.shape)}, {tuple(values.shape)}, {tuple(positions.shape)}, {tuple(length.shape)}"
+        )
+    if keys.stride(3) != 1 or values.stride(3) != 1:
+        raise ValueError("keys and values must be contiguous in the head dimension")
+    if extra is not None and (extra.shape != (b, h, cap) or extra.dtype != torch.float32):
+        raise ValueError(f"extra must be float32 [B, H, cap]; got {extra.dtype} {tuple(extra.shape)}")
+    if not supported(keys):
+        raise RuntimeError("the Triton rule kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+
+
+def _shift(
+    keys,
+    values,
+    positions,
+    length,
+    extra,
+    *,
+    rule,
+    a,
+    c,
+    zero_extra=False,
+    first=0,
+    parts=None,
+    consts=None,
+    seen=None,
+    m_off=0,
+    chunks=None,
+    scratch=None,
+    side=4,
+    config=None,
+) -> None:
+    """Launches the save (several chunks) and the shift for `RULE` (see `_shift_kernel`)."""
+    config = config or DEFAULT_CONFIG
+    _check_rows(keys, values, positions, length, extra)
+    b, h, cap, d = keys.shape
+    rows = b * h
+    if rows == 0 or cap == 0:
+        return
+    nchunk = chunks or num_splits(rows, cap, keys.device, config)
+    if nchunk > 1 and scratch is None:  # allocated in the caller's stream (a captured graph's private pool)
+        scratch = RuleScratch(keys, cap, nchunk, side)
+    if scratch is not None:
+        scratch.check(keys, nchunk)
+        side = scratch.side
+        sk, sv, sp, se = scratch.side_k, scratch.side_v, scratch.side_p, scratch.side_e
+        nbuf, s_sr = scratch.nbuf, scratch.side_p.stride(0)
+    else:  # one program per row: no side buffer, never read
+        sk, sv, sp, se, nbuf, s_sr = keys, values, positions, positions, length, 0
+    e = extra if extra is not None else positions
+    strides = (*keys.stride()[:3], *values.stride()[:3], *positions.stride(), *e.stride(), *length.stride())
+    block_d = triton.next_power_of_2(d)
+    pv, pi = parts if parts is not None else (length, length)
+    s_c = (c.stride(0), c.stride(1) if c.dim() > 1 else 0)
+    with _on_device(keys):
+        if nchunk > 1 and parts is None:  # H2O's scores launch saved the side entries already
+            _save_kernel[(rows, nchunk)](
+                keys, values, positions, e, length, nbuf, sk, sv, sp, se, h, d, nchunk, s_sr, *strides,
+                HAS_EXTRA=extra is not None, SIDE=side, BLOCK_N=config.block_n, BLOCK_D=block_d,
+                num_warps=config.num_warps,
+            )  # fmt: skip
+        _shift_kernel[(rows, nchunk)](
+            keys, values, positions, e, length, nbuf, sk, sv, sp, se,
+            a, c, pv, pi, consts if consts is not None else length, seen if seen is not None else length,
+            h, cap, d, nchunk, s_sr, pv.stride(0) if parts is not None else 0, m_off, first,
+            *strides, a.stride(0), a.stride(1), *s_c,
+            RULE=rule, FROM_NBUF=nchunk > 1 or parts is not None, HAS_EXTRA=extra is not None,
+            ZERO_EXTRA=zero_extra, SIDE=side, BLOCK_P=triton.next_power_of_2(nchunk), BLOCK_N=config.block_n,
+            BLOCK_S=config.block_s, BLOCK_D=block_d, num_warps=config.num_warps, enable_fp_fusion=rule != 3,
+        )  # fmt: skip
+
+
+def shift_rows_(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    length: torch.Tensor,
+    start: torch.Tensor,
+    count: torch.Tensor,
+    extra: torch.Tensor | None = None,
+    *,
+    zero_extra: bool = False,
+    chunks: int | None = None,
+    scratch: RuleScratch | None = None,
+    config: RuleConfig | None = None,
+) -> None:
+    """Deletes entries `[start[b, h], start[b, h] + count[b, h])` of each row, in place: the later valid entries
+    move left (only those: from `start` to the row's old length), and `length -= count`.
+
+    `keys`/`values` `[B, H, cap, D]`, `positions` `[B, H, cap]`, `extra` (optional float32 `[B, H, cap]`, H2O's
+    running scores) move together. On the new valid region `[0, length - count)` the result equals
+    `CompressedLayer.drop_` (and `_drop_block` for `extra`). Beyond it the slots `[length - count, length)` keep their
+    old entries (the last `count`, now also shifted) and the spare room is untouched; with `zero_extra`, `extra` is
+    0 from the new length on (H2O: freed slots restart at 0). `start + count <= length` is expected (the rules
+    guarantee it); a negative `start` counts as 0.
+
+    `chunks`: programs per row (default `num_splits`; 1: no save launch); `scratch`: preallocated buffers (else
+    allocated per call when `chunks > 1`, which a CUDA graph captures into its private pool).
+    """
+    _shift(
+        keys,
+        values,
+        positions,
+        length,
+        extra,
+        rule=0,
+        a=start,
+        c=count,
+        zero_extra=zero_extra,
+        chunks=chunks,
+        scratch=scratch,
+        config=config,
+    )
+
+
+def drop_oldest_(
+    keys, values, positions, length, keep, first: int, *, chunks=None, scratch=None, config: RuleConfig | None = None
+) -> None:
+    """Rolling (StreamingLLM): deletes entry `min(length - 1, first)` (the oldest after the `first` sinks) from
+    each row that holds more than `keep[b, h]` entries; one entry at most, so the chunked shift always applies."""
+    _shift(
+        keys,
+        values,
+        positions,
+        length,
+        None,
+        rule=1,
+        a=keep,
+        c=keep,
+        first=first,
+        chunks=chunks,
+        scratch=scratch,
+        side=1,
+        config=config,
+    )
+
+
+def drop_fixed_point_(
+    keys, values, positions, length, n_tl, prompt_lengths, seen, m: int, consts, *, config: RuleConfig | None = None
+) -> None:
+    """Elastic Cache's fixed-point elimination (FixedPoint.on_token_static): with `limit = ceil(budget · (prompt
+    length + seen − m) − eps)` (`consts` = float64 `[budget, eps]`, `seen` the device token count), deletes the
+    `excess = length − limit` entries from `min(N_tl, length − 1, length − excess)` on. One program per row:
+    `excess` is unbounded but the moved span (from `N_tl` to the end) is short."""
+    _shift(
+        keys,
+        values,
+        positions,
+        length,
+        None,
+        rule=3,
+        a=n_tl,
+        c=prompt_lengths,
+        consts=consts,
+        seen=seen,
+        m_off=m,
+        chunks=1,
+        config=config,
+    )
+
+
+# -- H2O -------------------------------------------------------------------------------------------------------
+# fmt: off
+@triton.jit
+def _logits_pass(
+    q_ptr, b, h, scale, s_qb, s_qh, s_qd, k_row, s_kn, lg_row, s_lg, lo, hi, G, D,
+    MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Logits `q · k` of keys `[lo, hi)` for the group's query heads (float32, `q` scaled first, as
+    `decode_row_scores`), stored to `lg_row` (`[G, ·]`, row stride `s_lg`); returns each head's running max and
+    sum of exponentials. `MODE`: `RuleConfig.precision`."""
+    gi = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    q_ok = (gi < G)[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + b * s_qb + (h * G + gi)[:, None] * s_qh + d[None, :] * s_qd, mask=q_ok, other=0.0)
+    q = q.to(tl.float32) * scale
+    if MODE == "split":  # q = q1 + q2 + q3 to float32 precision, each part in the keys' 16-bit type
+        kdt = k_row.dtype.element_ty
+        q1 = q.to(kdt)
+        r = q - q1.to(tl.float32)
+        q2 = r.to(kdt)
+        q3 = (r - q2.to(tl.float32)).to(kdt)
+        if UPCAST:  # interpreter: 16-bit tl.dot is wrong there; the parts are exact in float32
+            q1, q2, q3 = q1.to(tl.float32), q2.to(tl.float32), q3.to(tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    sumexp = tl.zeros([BLOCK_G], tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        ok = j < hi
+        kt = tl.load(k_row + j[None, :] * s_kn + d[:, None], mask=ok[None, :] & (d < D)[:, None], other=0.0)
+        if MODE == "split":  # products of 16-bit values are exact in float32: three tensor-core dots
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            x = tl.dot(q3, kt, tl.dot(q2, kt, tl.dot(q1, kt)))
+        else:
+            x = tl.dot(q, kt.to(tl.float32), input_precision=MODE)
+        x = tl.where(ok[None, :], x, float("-inf"))
+        tl.store(lg_row + gi[:, None] * s_lg + j[None, :], x, mask=(gi < G)[:, None] & ok[None, :])
+        m_new = tl.maximum(m, tl.max(x, 1))  # finite: every tile holds a valid key
+        sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+        m = m_new
+    return m, sumexp
+
+
+@triton.jit
+def _scores_pass(
+    lg_row, s_lg, sc_row, s_sn, se_row, M, L, lo, hi, lim, first, save, G,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Adds each key's attention (softmax with the row's max `M` and sum `L` per head, summed over the group) to
+    the running scores of `[lo, hi)`; returns the lowest score and its slot among the candidates
+    `first <= slot < lim` (lowest slot on ties; +inf and _BIG where none). The updated scores of the first `save`
+    slots go to `se_row` (the chunk's side entries)."""
+    gi = tl.arange(0, BLOCK_G)
+    best = tl.full([], float("inf"), tl.float32)
+    slot = tl.full([], _BIG, tl.int64)
+    for j0 in range(lo, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        ok = j < hi
+        x = tl.load(lg_row + gi[:, None] * s_lg + j[None, :], mask=(gi < G)[:, None] & ok[None, :],
+                    other=float("-inf"))
+        s = tl.load(sc_row + j * s_sn, mask=ok, other=0.0) + tl.sum(tl.exp(x - M[:, None]) / L[:, None], 0)
+        tl.store(sc_row + j * s_sn, s, mask=ok)
+        tl.store(se_row + (j - lo), s, mask=ok & (j < lo + save))
+        v = tl.where(ok & (j >= first) & (j < lim), s, float("inf"))
+        tile = tl.min(v, 0)
+        at = j0 + tl.argmin(v, 0, tie_break_left=True)
+        slot = tl.where(tile < best, at, slot)  # strict: an earlier tile wins a tie
+        best = tl.minimum(tile, best)
+    return best, slot
+
+
+@triton.jit
+def _h2o_logits_kernel(
+    q_ptr, k_ptr, len_ptr, lg_ptr, pm_ptr, pl_ptr,
+    H, G, D, NSPLIT, scale, s_qb, s_qh, s_qd, s_kb, s_kh, s_kn, s_lb, s_lh, s_lgr, s_lgg, s_pmr, s_pms,
+    MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pass 1, grid `(rows, NSPLIT)`: the split's logits and per-head max and sum of exponentials."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b, h = row // H, row % H
+    n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int64)
+    lo = split * _per(n, NSPLIT, BLOCK_N)
+    hi = tl.minimum(lo + _per(n, NSPLIT, BLOCK_N), n)
+    m, sumexp = _logits_pass(q_ptr, b, h, scale, s_qb, s_qh, s_qd, k_ptr + b * s_kb + h * s_kh, s_kn,
+                             lg_ptr + row * s_lgr, s_lgg, lo, hi, G, D, MODE, UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
+    gi = tl.arange(0, BLOCK_G)
+    tl.store(pm_ptr + row * s_pmr + split * s_pms + gi, m, mask=gi < G)
+    tl.store(pl_ptr + row * s_pmr + split * s_pms + gi, sumexp, mask=gi < G)
+
+
+@triton.jit
+def _h2o_scores_kernel(
+    k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, rec_ptr, lg_ptr, pm_ptr, pl_ptr, pv_ptr, pi_ptr, nbuf_ptr,
+    sk_ptr, sv_ptr, sp_ptr, se_ptr,
+    H, G, D, NSPLIT, first, s_sr, s_pr,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh, s_rb, s_lgr, s_lgg, s_pmr,
+    s_pms,
+    SIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pass 2, grid `(rows, NSPLIT)`: the softmax normaliser of the whole row from the splits' partials, the
+    split's scores updated, its candidates' argmin, and its first entry saved for the shift."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b, h = row // H, row % H
+    n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int64)
+    tl.store(nbuf_ptr + row, n, mask=split == 0)
+    per = _per(n, NSPLIT, BLOCK_N)
+    lo = split * per
+    hi = tl.minimum(lo + per, n)
+    sp = tl.arange(0, BLOCK_P)
+    gi = tl.arange(0, BLOCK_G)
+    off = row * s_pmr + sp[:, None] * s_pms + gi[None, :]
+    ok = (sp < NSPLIT)[:, None] & (gi < G)[None, :]
+    pm = tl.load(pm_ptr + off, mask=ok, other=float("-inf"))
+    pl = tl.load(pl_ptr + off, mask=ok, other=0.0)
+    M = tl.max(pm, 0)
+    M = tl.where(M == float("-inf"), 0.0, M)  # padded heads, empty rows: no NaN from -inf - -inf
+    L = tl.sum(pl * tl.exp(pm - M[None, :]), 0)
+    L = tl.where(L > 0.0, L, 1.0)
+    k_row, v_row, p_row = k_ptr + b * s_kb + h * s_kh, v_ptr + b * s_vb + h * s_vh, p_ptr + b * s_pb + h * s_ph
+    sc_row = sc_ptr + b * s_sb + h * s_sh
+    lim = n - tl.load(rec_ptr + b * s_rb)
+    # the split's first scores are saved as updated, here; its keys, values and positions by _save_side
+    best, slot = _scores_pass(lg_ptr + row * s_lgr, s_lgg, sc_row, s_sn, se_ptr + row * s_sr + split * SIDE, M, L,
+                              lo, hi, lim, first, tl.where(split > 0, SIDE, 0), G, BLOCK_G, BLOCK_N)
+    tl.store(pv_ptr + row * s_pr + split, best)
+    tl.store(pi_ptr + row * s_pr + split, slot)
+    _save_side(k_row, v_row, p_row, sc_row, sk_ptr + row * s_sr * D, sv_ptr + row * s_sr * D, sp_ptr + row * s_sr,
+               se_ptr + row * s_sr, s_kn, s_vn, s_pn, s_sn, n, split, per, D, False, SIDE, BLOCK_D)
+
+
+@triton.jit
+def _h2o_row_kernel(
+    q_ptr, k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, lg_ptr,
+    H, G, D, cap, first, scale,
+    s_qb, s_qh, s_qd, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh,
+    s_eb, s_eh, s_rb, s_lgr, s_lgg,
+    MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The whole update of one row in one program (grid `(rows,)`, rows short enough for one split)."""
+    row = tl.program_id(0).to(tl.int64)
+    b, h = row // H, row % H
+    n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int64)
+    lg_row = lg_ptr + row * s_lgr
+    sc_row = sc_ptr + b * s_sb + h * s_sh
+    M, L = _logits_pass(q_ptr, b, h, scale, s_qb, s_qh, s_qd, k_ptr + b * s_kb + h * s_kh, s_kn, lg_row, s_lgg,
+                        0, n, G, D, MODE, UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
+    M = tl.where(M == float("-inf"), 0.0, M)
+    L = tl.where(L > 0.0, L, 1.0)
+    tl.debug_barrier()  # the logits were stored by other threads
+    recent = tl.load(rec_ptr + b * s_rb)
+    _, victim = _scores_pass(lg_row, s_lgg, sc_row, s_sn, sc_row, M, L, 0, n, n - recent, first, 0, G,
+                             BLOCK_G, BLOCK_N)
+    tl.debug_barrier()  # the scores too
+    count = (n > tl.load(keep_ptr + b * s_eb + h * s_eh)).to(tl.int64)
+    # no candidate (the protected tokens fill the cache): the oldest non-sink entry
+    start = tl.where(n - recent > first, victim, tl.minimum(n - 1, first))
+    _shift_row(
+        k_ptr + b * s_kb + h * s_kh, v_ptr + b * s_vb + h * s_vh, p_ptr + b * s_pb + h * s_ph, sc_row,
+        k_ptr, v_ptr, p_ptr, sc_ptr, s_kn, s_vn, s_pn, s_sn,
+        n, start, count, row * 0, _per(n, 1, BLOCK_N), 1, cap, D, True, True, 1, BLOCK_S, BLOCK_D,
+    )
+    tl.store(len_ptr + b * s_lb + h * s_lh, n - count)
+
+
+# fmt: on
+
+
+def h2o_step_(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    length: torch.Tensor,
+    scores: torch.Tensor,
+    keep: torch.Tensor,
+    recent: torch.Tensor,
+    first: int,
+    scratch: RuleScratch,
+    *,
+    splits: int | None = None,
+    config: RuleConfig | None = None,
+) -> None:
+    """H2O's per-token update (Zhang et al., NeurIPS 2023, Algorithm 1; `H2O.on_token_static`), in place.
+
+    The decode query's attention over each row's valid entries (`query` `[B, Hq, 1, D]`, scale `D**-0.5` on q,
+    float32 logits, softmax per query head, summed over the `Hq / H` heads of the KV head) is added to `scores`
+    (`[B, H, cap]` float32); where a row holds more than `keep[b, h]` entries, its lowest-scored candidate
+    (`first <= slot < length - recent[b]`, the lowest slot on ties; where none, slot `min(length - 1, first)`) is
+    deleted as by `shift_rows_`, and `scores` is 0 from the new length on.
+
+    One launch per layer where a row fits one split (`_h2o_row_kernel`), else three over `(rows, splits)`:
+    logits with partial softmax statistics, scores and partial argmins, victim and shift.
+    """
+    _check_rows(keys, values, positions, length, scores)
+    config = config or DEFAULT_CONFIG
+    b, h, cap, d = keys.shape
+    hq = query.shape[1]
+    if query.dim() != 4 or query.shape[0] != b or query.shape[-1] != d or hq % h:
+        raise ValueError(f"query must be [B, Hq, 1, D] for keys {tuple(keys.shape)}; got {tuple(query.shape)}")
+    if recent.dim() == 0 or recent.shape[0] != b:
+        raise ValueError(f"recent must be [B, ...] with B = {b}; got {tuple(recent.shape)}")
+    group, rows = hq // h, b * h
+    if rows == 0 or cap == 0:
+        return
+    nsplit = splits or num_splits(rows, cap, keys.device, config)
+    scratch.check(keys, nsplit, group)
+    if scratch.side < 1 or config.block_n < 16:
+        raise ValueError("H2O needs a side buffer of at least one entry and block_n >= 16 (tl.dot)")
+    mode = config.precision
+    if mode == "auto" or (mode == "split" and keys.element_size() > 2):
+        mode = "split" if keys.element_size() == 2 else "ieee"
+    prec = dict(MODE=mode, UPCAST=_interpreting())
+    # float32 FMA dots of 64 float32 keys spill registers on sm_90 (ptxas): 32 there
+    block_n = min(config.block_n, 32) if mode == "ieee" else config.block_n
+    blocks = dict(
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d))
+    )
+    s_q = (query.stride(0), query.stride(1), query.stride(3))
+    lg = scratch.logits
+    kvp = (*keys.stride()[:3], *values.stride()[:3], *positions.stride(), *scores.stride(), *length.stride())
+    with _on_device(keys):
+        if nsplit == 1:
+            _h2o_row_kernel[(rows,)](
+                query, keys, values, positions, scores, length, keep, recent, lg, h, group, d, cap, first, d**-0.5,
+                *s_q, *kvp, *keep.stride(), recent.stride(0), lg.stride(0), lg.stride(1),
+                **prec, **blocks, BLOCK_S=config.block_s, num_warps=config.num_warps,
+            )  # fmt: skip
+            return
+        pm, pl, pv, pi = scratch.part_m, scratch.part_l, scratch.part_v, scratch.part_i
+        _h2o_logits_kernel[(rows, nsplit)](
+            query, keys, length, lg, pm, pl, h, group, d, nsplit, d**-0.5, *s_q, *keys.stride()[:3], *length.stride(),
+            lg.stride(0), lg.stride(1), pm.stride(0), pm.stride(1), **prec, **blocks, num_warps=config.num_warps,
+        )  # fmt: skip
+        _h2o_scores_kernel[(rows, nsplit)](
+            keys, values, positions, scores, length, recent, lg, pm, pl, pv, pi, scratch.nbuf,
+            scratch.side_k, scratch.side_v, scratch.side_p, scratch.side_e,
+            h, group, d, nsplit, first, scratch.side_p.stride(0), pv.stride(0), *kvp, recent.stride(0),
+            lg.stride(0), lg.stride(1), pm.stride(0), pm.stride(1), SIDE=scratch.side,
+            BLOCK_P=triton.next_power_of_2(nsplit), **blocks, num_warps=config.num_warps,
+        )  # fmt: skip
+    # the shift's chunks are the splits (the same `per`, from the same block)
+    shift_config = dataclasses.replace(config, block_n=block_n)
+    _shift(
+        keys,
+        values,
+        positions,
+        length,
+        scores,
+        rule=2,
+        a=keep,
+        c=recent.reshape(b),
+        zero_extra=True,
+        first=first,
+        parts=(pv, pi),
+        chunks=nsplit,
+        scratch=scratch,
+        config=shift_config,
+    )
