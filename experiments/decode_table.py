@@ -5,7 +5,10 @@ speedups against transformers `generate` (same run), the decode speedup against 
 path with 90% of the floor ratio beside it, prefill + compression against the full path's, KV bytes kept and
 allocated as a share of the full cache.
 
-Usage: python experiments/decode_table.py results/bench/decode_h200_*.json
+Usage: python experiments/decode_table.py FILE[:BxP,...][:-policy,...] ...
+
+`FILE:4x32768` takes only that point's rows from FILE (each point's rows must come from one run, so that its
+ratios do); `:-h2o,elastic` leaves those presets out (e.g. rows a run made with code that has changed since).
 """
 
 from __future__ import annotations
@@ -17,10 +20,19 @@ PAPER = {(1, 2048): (1.19, 1.16), (1, 32768): (3.32, 1.85), (1, 131072): (7.08, 
          (64, 2048): (5.23, 2.33)}  # VL-Cache's speed table: decode, end-to-end speedup at budget 0.1
 
 
-def rows_of(paths: list[str]) -> list[dict]:
+def rows_of(specs: list[str]) -> list[dict]:
     rows = []
-    for path in paths:
-        rows += [r for r in json.load(open(path))["rows"] if r["path"] in ("transformers", "fast")]
+    for spec in specs:
+        path, *filters = spec.split(":")
+        points = {tuple(int(x) for x in p.split("x")) for f in filters if not f.startswith("-") for p in f.split(",")}
+        drop = {p for f in filters if f.startswith("-") for p in f[1:].split(",")}
+        rows += [
+            r
+            for r in json.load(open(path))["rows"]
+            if r["path"] in ("transformers", "fast")
+            and (not points or (r["batch"], r["prompt_len"]) in points)
+            and r["policy"] not in drop
+        ]
     return rows
 
 
