@@ -19,7 +19,8 @@
 Decode rules that evict per token (`acts_per_token`: h2o, fixed_point, rolling, when active, i.e. budget < 1)
 reallocate and read lengths on the host inside `on_token`. Those that provide a graph-safe form of the update
 (`prepare_static` + `on_token_static`, vlcache/policies/decode_rules.py: fixed-shape, in-place device ops on the
-reserved buffers) run it inside the captured step instead; any other such rule (or `graph_safe_rules=False`)
+reserved buffers, on CUDA one to three Triton launches per layer from vlcache/kernels/rule_ops.py) run it inside
+the captured step instead; any other such rule (or `graph_safe_rules=False`)
 runs the same step eagerly (still with reserved buffers and the Triton kernel). On the CPU everything runs
 eagerly, with the kernel's PyTorch fallback (the graph-safe updates included).
 """
