@@ -15,8 +15,8 @@ appends + the Triton form; a graph is replayed ``--iters`` times between CUDA ev
 ``--check-steps`` steps on the same random inputs and their caches are compared (same lengths, same valid keys,
 values and positions; H2O's scores allclose).
 
-Prints one table and writes JSON to ``--out``. Imports only torch, triton and vlcache. ``--tiny``: small shapes, on
-the CPU under ``TRITON_INTERPRET=1`` (no graphs, host clock) to check the script.
+Prints one table and writes JSON to ``--out``. Imports torch, triton, transformers and vlcache only (no hydra).
+``--tiny``: small shapes, on the CPU under ``TRITON_INTERPRET=1`` (no graphs, host clock) to check the script.
 
 Usage: python experiments/bench_rules.py [--points 1x2048,1x32768,1x131072,64x2048] [--rules h2o,fixed_point,rolling]
        [--repeats 20] [--iters 10] [--min-per-split N] [--block-n N] [--block-s N] [--num-warps N]
@@ -37,6 +37,8 @@ from types import SimpleNamespace
 
 import torch
 import triton
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from vlcache.cache import CompressedCache
 from vlcache.kernels import rule_ops
@@ -56,19 +58,6 @@ class Shape:
 
 
 TINY = Shape(layers=2, kv_heads=2, q_heads=8, head_dim=32)
-
-
-class Rotary(torch.nn.Module):
-    """Plain RoPE (Su et al. 2021) with the rotary modules' interface: `(cos, sin)` of `positions · θ^(-2i/D)`."""
-
-    def __init__(self, d: int, device) -> None:
-        super().__init__()
-        self.inv_freq = 1.0 / 1e6 ** (torch.arange(0, d, 2, device=device).float() / d)
-
-    def forward(self, x, position_ids):
-        f = position_ids[..., None].float() * self.inv_freq
-        emb = torch.cat([f, f], -1)
-        return emb.cos(), emb.sin()
 
 
 @contextlib.contextmanager
@@ -107,7 +96,8 @@ def build(rule_name: str, batch: int, prompt: int, shape: Shape, device, seed: i
         rule.setup(cache, info, BUDGET, keep_counts)
     else:
         rule = Rolling()
-        rule.rotary = Rotary(D, device)
+        rope = {"rope_type": "default", "rope_theta": 1e6}  # plain RoPE, Mistral's base
+        rule.rotary = LlamaRotaryEmbedding(LlamaConfig(head_dim=D, rope_parameters=rope)).to(device)
         rule.setup(cache, info, BUDGET, keep_counts, sinks=4)
     for layer in cache.layers:
         layer.reserve(keep + RESERVED)

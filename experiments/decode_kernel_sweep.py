@@ -13,7 +13,8 @@ results/bench/decode_kernel_sweep_h200.json is this sweep's first run (2026-11-2
 its grid varied `k_rows` (key tiles loaded as [BLOCK_N, D] rows and transposed in registers) where this one
 varies `row_waves`. Loading keys as rows changed nothing (within 0.1 µs at every point), so it was removed;
 what that run found is that one split at batch 64 × 8 KV heads beat two (17.9 against 22.5 µs per layer),
-which `row_waves` now does.
+which `row_waves` now does. That run timed with a timer and a copy-bandwidth measure of its own (CUDA events
+around single replays); the script now uses bench_decode's `graph_ms` and `measure_copy_bw`.
 """
 
 from __future__ import annotations
@@ -22,30 +23,13 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
 
 import torch
 
+from experiments.bench_decode import graph_ms, measure_copy_bw
 from vlcache.kernels.decode_attention import DEFAULT_CONFIG, DecodeConfig, decode_attention, num_splits
 
 LAYERS, HKV, HQ, D = 32, 8, 32, 128
-
-
-def copy_bw(device) -> float:
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    return 2 * x.numel() / statistics.median(times)
 
 
 def layers(batch: int, n: int, device, seed: int = 0):
@@ -59,29 +43,6 @@ def layers(batch: int, n: int, device, seed: int = 0):
         out.append((k, v, length.clamp(1, cap)))
     q = torch.randn(batch, HQ, 1, D, device=device, dtype=torch.bfloat16, generator=g)
     return q, out
-
-
-def time_graph(fn, repeats: int = 20) -> float:
-    """Median ms of one replay of a graph of `fn` (after a warm-up replay)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del graph
-    return statistics.median(times)
 
 
 def configs(full_only: bool) -> list[DecodeConfig]:
@@ -101,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/bench/decode_kernel_sweep.json")
     args = ap.parse_args()
     device = torch.device("cuda")
-    bw = copy_bw(device)
+    bw = measure_copy_bw(device)
     rows = []
     for point in args.points.split(","):
         batch, prompt = (int(x) for x in point.split("x"))
@@ -115,7 +76,7 @@ def main() -> None:
                 try:
                     err = float((decode_attention(q, k0, v0, l0, config=c).float() - ref).norm() / ref.norm())
                     step = lambda c=c, q=q, lay=lay: [decode_attention(q, k, v, n, config=c) for k, v, n in lay]  # noqa: E731
-                    ms = time_graph(step)
+                    ms = graph_ms(step)
                 except Exception as e:  # noqa: BLE001  (a configuration that does not compile is reported)
                     rows.append(dict(point=point, budget=budget, config=dataclasses.asdict(c), error=str(e)[:200]))
                     continue

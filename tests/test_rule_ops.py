@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from vlcache.cache import CompressedCache, CompressedLayer
 from vlcache.kernels import rule_ops
@@ -258,19 +260,6 @@ def test_fixed_point_equals_the_pytorch_form(dtype):
     assert most >= 2  # the block form was exercised
 
 
-class _Rotary(torch.nn.Module):
-    """Plain RoPE (Su et al. 2021): `(cos, sin)` of `positions · θ^(-2i/D)`, as transformers' rotary modules."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.inv_freq = 1.0 / 10000.0 ** (torch.arange(0, d, 2, device=DEVICE).float() / d)
-
-    def forward(self, x, position_ids):
-        f = position_ids[..., None].float() * self.inv_freq
-        emb = torch.cat([f, f], -1)
-        return emb.cos(), emb.sin()
-
-
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rolling_equals_the_pytorch_form(dtype, split, monkeypatch):
@@ -286,7 +275,7 @@ def test_rolling_equals_the_pytorch_form(dtype, split, monkeypatch):
     for _ in range(2):
         cache = _cache(seed, lengths, caps, d, dtype)
         rule = Rolling()
-        rule.rotary = _Rotary(d)
+        rule.rotary = LlamaRotaryEmbedding(LlamaConfig(head_dim=d)).to(DEVICE)  # plain RoPE
         rule.setup(cache, info, 0.5, keep, sinks=2)
         _reserve(cache, caps, rule)
         rules.append(rule)

@@ -140,7 +140,7 @@ class CompressedLayer(CacheLayerMixin):
         self.positions = self.positions.gather(2, src)
         self.length = self.length - active.long()
 
-    def drop_(self, start: torch.Tensor, count: torch.Tensor, *, chunks: int | None = None, scratch=None) -> None:
+    def drop_(self, start: torch.Tensor, count: torch.Tensor, *, chunks: int | None = None) -> None:
         """In place, graph-safe `remove`: deletes entries `[start[b, h], start[b, h] + count[b, h])` of each row
         (`count` 0: nothing), shifting later entries left within the fixed capacity, and decrements `length` in
         place.
@@ -150,15 +150,13 @@ class CompressedLayer(CacheLayerMixin):
         result equals `count` successive `remove(start, count > 0)` calls on the valid entries.
 
         On CUDA (or under `TRITON_INTERPRET=1`) a Triton kernel moves only the entries after `start`
-        (`vlcache.kernels.rule_ops.shift_rows_`, which takes `chunks` and `scratch`; slots past the new length
+        (`vlcache.kernels.rule_ops.shift_rows_`, `chunks` programs per row; slots past the new length
         may then hold other stale entries than here); else a gather of the whole buffer.
         """
         from vlcache.kernels import rule_ops  # imports triton: only when dropping
 
         if rule_ops.supported(self.keys):
-            rule_ops.shift_rows_(
-                self.keys, self.values, self.positions, self.length, start, count, chunks=chunks, scratch=scratch
-            )
+            rule_ops.shift_rows_(self.keys, self.values, self.positions, self.length, start, count, chunks=chunks)
             return
         cap = self.capacity
         j = torch.arange(cap, device=self.device)

@@ -23,14 +23,14 @@ step's attention is ``2 · Σ length · D · itemsize`` over the memory bandwidt
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .launch import interpreting, sm_count
 
 __all__ = ["DecodeConfig", "decode_attention", "decode_attention_torch", "num_splits"]
 
@@ -55,17 +55,6 @@ class DecodeConfig:
 
 
 DEFAULT_CONFIG = DecodeConfig()
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so that split-K is exercised on the CPU too
 
 
 @triton.jit
@@ -196,9 +185,9 @@ def num_splits(
     """Splits of the key axis per (sequence, KV head): enough programs to fill the GPU a few times over,
     chunks of at least ``min_keys_per_split`` keys. Depends on the capacity only, not on the lengths, so a
     captured graph stays valid as the cache fills."""
-    if B * Hkv >= config.row_waves * _sm_count(device):
+    if B * Hkv >= config.row_waves * sm_count(device):
         return 1
-    want = triton.cdiv(config.waves * _sm_count(device), B * Hkv)
+    want = triton.cdiv(config.waves * sm_count(device), B * Hkv)
     most = max(1, cap // config.min_keys_per_split)
     return max(1, min(want, most, config.max_splits))
 
@@ -208,7 +197,7 @@ def _decode_attention_triton(q, k, v, length, scale, splits=None, config: Decode
     G = Hq // Hkv
     dev = q.device
     interp = dev.type != "cuda"
-    if interp and not _interpreting():
+    if interp and not interpreting():
         raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=dev)
     if B == 0 or cap == 0:
@@ -286,7 +275,7 @@ def decode_attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend is None:
-        backend = "triton" if (q.is_cuda or _interpreting()) else "torch"
+        backend = "triton" if (q.is_cuda or interpreting()) else "torch"
     if backend == "triton":
         return _decode_attention_triton(q, k, v, length, scale, splits, config or DEFAULT_CONFIG)
     if backend == "torch":

@@ -27,14 +27,13 @@ one after the other; so the captured step allocates nothing.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import _interpreting, _sm_count
+from .launch import interpreting, on_device, runs_triton, sm_count
 
 __all__ = [
     "RuleConfig",
@@ -73,19 +72,15 @@ DEFAULT_CONFIG = RuleConfig()
 
 
 def supported(t: torch.Tensor) -> bool:
-    """Whether the kernels run on `t`: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
-    return t.is_cuda or (t.device.type == "cpu" and _interpreting())
-
-
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: `t`'s (a model split with device_map has layers on several)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Whether the rules take their Triton form on `t` (`launch.runs_triton`; the one switch that tests and
+    experiments/bench_rules.py turn off to run the PyTorch form)."""
+    return runs_triton(t)
 
 
 def num_splits(rows: int, cap: int, device: torch.device, config: RuleConfig | None = None) -> int:
     """Chunks per row: a function of the shapes only (not the lengths), so a captured graph stays valid."""
     config = config or DEFAULT_CONFIG
-    want = triton.cdiv(config.waves * _sm_count(device), rows)
+    want = triton.cdiv(config.waves * sm_count(device), rows)
     return max(1, min(want, cap // config.min_per_split, config.max_splits))
 
 
@@ -311,7 +306,7 @@ def _check_rows(keys, values, positions, length, extra=None) -> None:
         raise ValueError("keys and values must be contiguous in the head dimension")
     if extra is not None and (extra.shape != (b, h, cap) or extra.dtype != torch.float32):
         raise ValueError(f"extra must be float32 [B, H, cap]; got {extra.dtype} {tuple(extra.shape)}")
-    if not supported(keys):
+    if not runs_triton(keys):
         raise RuntimeError("the Triton rule kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
 
 
@@ -358,7 +353,7 @@ def _shift(
     block_d = triton.next_power_of_2(d)
     pv, pi = parts if parts is not None else (length, length)
     s_c = (c.stride(0), c.stride(1) if c.dim() > 1 else 0)
-    with _on_device(keys):
+    with on_device(keys):
         if nchunk > 1 and parts is None:  # H2O's scores launch saved the side entries already
             _save_kernel[(rows, nchunk)](
                 keys, values, positions, e, length, nbuf, sk, sv, sp, se, h, d, nchunk, s_sr, *strides,
@@ -679,7 +674,7 @@ def h2o_step_(
     mode = config.precision
     if mode == "auto" or (mode == "split" and keys.element_size() > 2):
         mode = "split" if keys.element_size() == 2 else "ieee"
-    prec = dict(MODE=mode, UPCAST=_interpreting())
+    prec = dict(MODE=mode, UPCAST=interpreting())
     # float32 FMA dots of 64 float32 keys spill registers on sm_90 (ptxas): 32 there
     block_n = min(config.block_n, 32) if mode == "ieee" else config.block_n
     blocks = dict(
@@ -688,7 +683,7 @@ def h2o_step_(
     s_q = (query.stride(0), query.stride(1), query.stride(3))
     lg = scratch.logits
     kvp = (*keys.stride()[:3], *values.stride()[:3], *positions.stride(), *scores.stride(), *length.stride())
-    with _on_device(keys):
+    with on_device(keys):
         if nsplit == 1:
             _h2o_row_kernel[(rows,)](
                 query, keys, values, positions, scores, length, keep, recent, lg, h, group, d, cap, first, d**-0.5,

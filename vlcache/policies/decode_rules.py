@@ -20,20 +20,13 @@ below stays the fallback and the reference.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from vlcache.cache import CompressedCache, CompressedLayer
 from vlcache.kernels import rule_ops
+from vlcache.kernels.launch import on_device
 from vlcache.policies.parts import DECODE_RULES, DecodeRule, register
 from vlcache.policies.rope import find_rotary, shift_rope
-
-
-def on_device(t: torch.Tensor):
-    """The CUDA device context of `t` (Triton launches on the current device; a model split with device_map
-    has layers on several GPUs), or nothing on the CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @register(DECODE_RULES, "append")

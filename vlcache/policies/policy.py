@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vlcache.cache import CompressedCache
+from vlcache.kernels.launch import on_device
 from vlcache.models.prompt import PromptInfo
 from vlcache.policies import allocators, decode_rules, reducers, scorers  # noqa: F401  (register the parts)
-from vlcache.policies.decode_rules import on_device
 from vlcache.policies.parts import (
     ALLOCATORS,
     DECODE_RULES,
