@@ -77,15 +77,23 @@ def test_align_loss_against_a_float64_reference():
     assert feats.grad.abs().sum() > 0 and embed.weight.grad is None  # the embeddings are the target, not pulled
 
 
-def test_training_with_the_curriculum_logs_each_kind(tmp_path):
+@pytest.mark.parametrize(
+    "tasks, options, logged",
+    [
+        ("synth_docvqa", ["--text-grid", "0.5", "--align", "1", "--copy", "0.3"], [" grid ", " copy ", " align "]),
+        ("synth_docvqa", ["--align-ce", "1", "--grid-mix", "1", "--mix-frac", "0.5"], [" ce ", " mix "]),
+        ("synth_multi", ["--aux-index", "1"], ["(index "]),
+    ],
+)
+def test_training_with_each_option_logs_it(tmp_path, tasks, options, logged):
     from vlcache.zoo.train import main
 
     out = tmp_path / "run"
-    main(["--device", "cpu", "--steps", "24", "--batch", "2", "--workers", "0", "--eval-n", "1", "--warmup", "2",
-          "--spec", json.dumps(TINY_SPEC), "--out", str(out), "--tasks", "synth_docvqa", "--text-grid", "0.5",
-          "--align", "1", "--copy", "0.3", "--log-every", "1"])  # fmt: skip
+    main(["--device", "cpu", "--steps", "24", "--batch", "4", "--workers", "0", "--eval-n", "1", "--warmup", "2",
+          "--spec", json.dumps(TINY_SPEC), "--out", str(out), "--tasks", tasks, "--log-every", "1",
+          *options])  # fmt: skip
     log = (out / "log.txt").read_text()
-    assert " grid " in log and " copy " in log and " align " in log and "0 skipped" in log
+    assert all(part in log for part in logged) and "0 skipped" in log
     assert (out / "eval.json").exists()
 
 
@@ -108,3 +116,83 @@ def test_freeze_lm_trains_the_image_path_only(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in image)
     with pytest.raises(ValueError, match="--freeze-lm trains the image path"):
         main([*common, "--steps", "1", "--freeze-lm", "--copy", "0.2", "--out", str(tmp_path / "c")])
+
+
+def test_align_ce_loss_against_a_float64_reference():
+    from vlcache.data.render import CELL_BLANK
+    from vlcache.zoo.train import align_ce_loss
+
+    embed = torch.nn.Embedding(40, 8)
+    table = torch.randperm(40)[:30]  # 30 classes onto distinct tokens, unsorted
+    cells = torch.randint(30, (2, 17), dtype=torch.uint8)
+    cells[0, :5] = CELL_BLANK
+    feats = torch.randn(2, 17, 8, requires_grad=True)
+    loss, acc = align_ce_loss(feats, cells, embed, table, tau=0.2)
+    tokens = table.unique()
+    w = torch.nn.functional.normalize(embed.weight.detach().double()[tokens], dim=-1)
+    x = torch.nn.functional.normalize(feats.detach().double().reshape(-1, 8), dim=-1)
+    target = torch.tensor([int((tokens == table[c]).nonzero()) for c in cells.reshape(-1).long()])
+    ce = torch.nn.functional.cross_entropy(x @ w.T / 0.2, target, reduction="none")
+    drawn = cells.reshape(-1) != CELL_BLANK
+    ref = 0.5 * (ce[drawn].mean() + ce[~drawn].mean())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert acc.item() == pytest.approx(((x @ w.T).argmax(-1) == target)[drawn].double().mean().item())
+    loss.backward()
+    assert feats.grad.abs().sum() > 0 and embed.weight.grad is None
+    # features pointing at their characters' embeddings (at any scale) are read perfectly
+    exact = 5 * embed.weight.detach()[table[cells.long()]]
+    loss_exact, acc_exact = align_ce_loss(exact, cells, embed, table, tau=0.2)
+    assert acc_exact.item() == 1.0 and loss_exact.item() < loss.item()
+
+
+def test_grid_mix_hands_the_language_model_a_mixture_and_falls_to_zero():
+    from vlcache.zoo.model import TinyLlavaSpec
+    from vlcache.zoo.train import Encoder, FeatureTap, GridMix, build_model, mix_alpha
+
+    enc = Encoder()
+    model = build_model(TinyLlavaSpec(**TINY_SPEC), enc).eval()
+    tap, mixer = FeatureTap(model), GridMix(model)
+    seen = []
+    model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: seen.append(o))
+    pixels = torch.rand(1, 3, 336, 336)
+    proj = model.model.multi_modal_projector
+    with torch.no_grad():
+        raw = proj(model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+        target = torch.randn_like(raw)
+        for alpha in (0.0, 0.3, 1.0):
+            mixer.set(alpha, target)
+            seen.clear()
+            out = proj(model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+            assert torch.allclose(tap.pop(), raw)  # the tap keeps the unmixed features
+            assert torch.allclose(out, alpha * target + (1 - alpha) * raw, atol=1e-6)
+            assert torch.allclose(seen[-1], out)
+    assert mix_alpha(0.8, 0.0, 0.5) == 0.8 and mix_alpha(0.8, 0.25, 0.5) == pytest.approx(0.4)
+    assert mix_alpha(0.8, 0.5, 0.5) == 0.0 and mix_alpha(0.8, 0.9, 0.5) == 0.0 and mix_alpha(1.0, 0.1, 0) == 0.0
+
+
+
+def test_image_index_head_names_each_image_tokens_image():
+    from vlcache.zoo.model import TinyLlavaSpec
+    from vlcache.zoo.train import IMAGE_TOKENS, Encoder, ImageIndexHead, build_model, normalise, training_batch
+
+    enc = Encoder()
+    model = build_model(TinyLlavaSpec(**TINY_SPEC), enc).eval()
+    with pytest.raises(ValueError, match="--index-layer 3"):
+        ImageIndexHead(model, 3)
+    head = ImageIndexHead(model, 1)
+    samples = [generators()["synth_multi"]("train", i) for i in (3, 4)]
+    batch = training_batch(enc, samples)
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        head.proj.weight.normal_()
+        out = model(input_ids=ids, pixel_values=normalise(batch["pixels"]), output_hidden_states=True)
+    image = ids == enc.image_id
+    assert int(image.sum()) == 2 * 4 * IMAGE_TOKENS
+    loss, acc = head.loss(ids, enc.image_id)
+    hidden = out.hidden_states[1][image].double()  # after layer 1 (the last entry has the final norm applied)
+    targets = torch.arange(4).repeat_interleave(IMAGE_TOKENS).repeat(2)
+    logits = hidden @ head.proj.weight.double().T + head.proj.bias.double()
+    ref = torch.nn.functional.cross_entropy(logits, targets)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert acc.item() == pytest.approx((logits.argmax(-1) == targets).double().mean().item())
+    head.remove()

@@ -33,7 +33,11 @@ A curriculum for reading (also training-only, off by default; vlcache/zoo/README
 a share of the forms as text, each image token replaced by the character in its cell (text_grid_ids); --align pulls
 the projector's output on a form towards the language model's embeddings of those characters (align_loss); --copy
 adds text-only induction batches (copy_batch), which a 6-layer model needed before it could look a value up;
---freeze-lm trains the vision tower and the projector only, under a language model that already reads.
+--freeze-lm trains the vision tower and the projector only, under a language model that already reads. --align
+turned out to collapse the features onto the space's embedding; --align-ce (align_ce_loss) reads each cell's
+character from its feature's cosine with those embeddings instead, and --grid-mix (GridMix) starts the forms as
+text and moves them to the image features by degrees. --aux-index (ImageIndexHead) teaches each image token of a
+multi-image prompt which image it is in.
 
 Imports only torch, transformers, tokenizers, numpy, PIL and safetensors (plus vlcache.data's generators),
 so that it runs on the GPU machines, which lack lmms-eval and datasets.
@@ -237,6 +241,98 @@ def align_loss(feats: torch.Tensor, cells: torch.Tensor, embed: torch.nn.Embeddi
     return (feats.float() - target).pow(2).mean() / target.pow(2).mean()
 
 
+def align_ce_loss(
+    feats: torch.Tensor, cells: torch.Tensor, embed: torch.nn.Embedding, table: torch.Tensor, tau: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced cross-entropy of each cell's character from the cosine of its image feature with the language
+    model's embeddings of all the grid's characters, at temperature `tau` (`--align-ce`, training only), and the
+    accuracy on the drawn (not blank) cells.
+
+    Why not `align_loss`: regressing onto the embeddings lets the features collapse onto the space's embedding,
+    which is most cells' target; measured on the CPU on the F, G and H weights, a ridge probe then reads 0-1 % of the
+    drawn characters from the projector's output (97 % on run D's, trained with the aux head). A classifier
+    whose weights are the LM's own (fixed) embeddings keeps every character apart and points its feature where
+    the language model reads that character; the language model normalises each token, so the direction is what
+    it reads. Blank and drawn cells weigh half each, as in `aux_loss`."""
+    tokens = table.unique()  # the grid's characters, the space included
+    target = torch.searchsorted(tokens, table[cells.long()]).reshape(-1)
+    weight = torch.nn.functional.normalize(embed.weight.detach()[tokens].float(), dim=-1)
+    x = torch.nn.functional.normalize(feats.float().reshape(-1, feats.shape[-1]), dim=-1)
+    logits = x @ weight.T / tau
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    drawn = cells.reshape(-1) != CELL_BLANK
+    n_drawn, n_blank = drawn.sum().clamp(min=1), (~drawn).sum().clamp(min=1)
+    loss = 0.5 * ((ce * drawn).sum() / n_drawn + (ce * ~drawn).sum() / n_blank)
+    acc = ((logits.argmax(-1) == target) & drawn).sum() / n_drawn
+    return loss, acc.detach()
+
+
+class GridMix:
+    """`--grid-mix A` (training only): a forward hook on the projector that hands the language model
+    `alpha * E[c] + (1 - alpha) * f` on a form's image tokens, E[c] its embeddings of the cells' characters and f
+    the image features, with `alpha` falling from A to 0 over the first `--mix-frac` of the run. At A = 1 the
+    model starts on the forms as text (which run H's language model reads), and the answer loss moves it to the
+    image features by degrees instead of at once. `set(alpha, target)` before a forward pass; `set(0, None)` for
+    batches that are not forms. Registered after `FeatureTap`, so the tap keeps the unmixed features."""
+
+    def __init__(self, model):
+        self.alpha, self.target = 0.0, None
+        self.handle = model.model.multi_modal_projector.register_forward_hook(self._hook)
+
+    def set(self, alpha: float, target: torch.Tensor | None) -> None:
+        self.alpha, self.target = alpha, target
+
+    def _hook(self, module, inputs, output):
+        if self.target is None or self.alpha <= 0:
+            return None
+        return self.alpha * self.target.to(output.dtype) + (1 - self.alpha) * output
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def mix_alpha(start: float, progress: float, frac: float) -> float:
+    """GridMix's alpha at `progress` (0..1) of the time budget: linear from `start` to 0 at `frac`."""
+    return 0.0 if frac <= 0 else start * max(0.0, 1.0 - progress / frac)
+
+
+class ImageIndexHead(torch.nn.Module):
+    """`--aux-index W` (training only): a linear head on the language model's hidden states after decoder layer
+    `--index-layer`, at every image token of a multi-image prompt, trained to name the image the token belongs to.
+
+    synth_multi's answer takes two hops: each image token must carry its image's number (from the "Image k:"
+    label before it), then the last token finds the asked-for object and reads that number. Measured on the CPU
+    on run J's weights (12 prompts), a linear probe reads the image's number from the image tokens' hidden states
+    at 18-53 % over the layers (chance 25 %): the first hop is missing, and the answer's one token supervises it
+    too sparsely. Zero-initialised (the uniform guess); its loss is a plain cross-entropy over the image tokens."""
+
+    def __init__(self, model, layer: int, max_images: int = 8):
+        super().__init__()
+        text = model.model.language_model
+        if not 1 <= layer <= len(text.layers):
+            raise ValueError(f"--index-layer {layer}: the language model has layers 1..{len(text.layers)}")
+        self.proj = torch.nn.Linear(text.config.hidden_size, max_images)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+        self.hidden = None
+        self.handle = text.layers[layer - 1].register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def loss(self, ids: torch.Tensor, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy, accuracy) of the image number at the image tokens of `ids` (the last forward pass)."""
+        hidden, self.hidden = self.hidden, None
+        image = ids == image_id
+        target = (image.cumsum(1) - 1) // IMAGE_TOKENS  # 0 for the first image's tokens, 1 for the next, ...
+        logits = self.proj(hidden[image].float())
+        ce = torch.nn.functional.cross_entropy(logits, target[image])
+        return ce, (logits.argmax(-1) == target[image]).float().mean().detach()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 class AuxHead(torch.nn.Module):
     """The auxiliary loss's head (training only): one linear map, zero-initialised (the uniform guess, so that a
     fresh head sends no large gradients into a trained model), from a patch's feature less the batch's mean
@@ -312,6 +408,11 @@ def aux_loss(logits: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, t
     loss = 0.5 * ((ce * drawn).sum() / n_drawn + (ce * ~drawn).sum() / n_blank)
     acc = ((logits.argmax(-1) == cells) & drawn).sum() / n_drawn
     return loss, acc.detach()
+
+
+def forms_labelled(args) -> bool:
+    """Whether synth_docvqa batches need their cells' classes (the options that read them)."""
+    return args.text_grid > 0 or args.align > 0 or args.align_ce > 0 or args.grid_mix > 0
 
 
 def aux_weights(ocr: float, shapes: float) -> dict[str, float]:
@@ -407,8 +508,10 @@ def train(args) -> None:
     )
     aux_w = aux_weights(args.aux_ocr, args.aux_shapes)
     tap, head = None, None
-    if aux_w or args.aux_center > 0 or args.align > 0:
+    if aux_w or args.aux_center > 0 or args.align > 0 or args.align_ce > 0:
         tap = FeatureTap(model, args.aux_at)
+    index_head = ImageIndexHead(model, args.index_layer).to(device) if args.aux_index > 0 else None
+    mixer = GridMix(model) if args.grid_mix > 0 else None  # after the tap: the tap keeps the unmixed features
     if aux_w:  # the dense auxiliary loss: a head outside the model, on the image features
         head = AuxHead(tap.dim).to(device).train()
         prev = aux_head_path(Path(args.resume)) if args.resume else None
@@ -429,6 +532,7 @@ def train(args) -> None:
         log("language model frozen: training the vision tower and the projector")
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trained += [(f"aux.{n}", p) for n, p in head.named_parameters()] if head else []
+    trained += [(f"index.{n}", p) for n, p in index_head.proj.named_parameters()] if index_head else []
 
     decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
@@ -456,7 +560,7 @@ def train(args) -> None:
         pad_to=pad_to,
         easy_docvqa=args.easy_docvqa,
         docvqa_read=args.docvqa_read,
-        labels=tuple(aux_w) + (("synth_docvqa",) if args.text_grid > 0 or args.align > 0 else ()),
+        labels=tuple(aux_w) + (("synth_docvqa",) if forms_labelled(args) else ()),
         text_grid=args.text_grid,
     )
     table = enc.grid_table().to(device)
@@ -478,7 +582,7 @@ def train(args) -> None:
     # the aux accuracy and common_logodds, on the device (no sync per step), and the batch count
     kinds = (*TASKS, "read", "grid", "grid-read", "copy")
     stats = {k: [0.0, 0] for k in kinds}
-    losses = {k: torch.zeros(5, device=device) for k in kinds}
+    losses = {k: torch.zeros(7, device=device) for k in kinds}
     params = [p for _, p in trained]
     step, t_start, t_wait, saved_predecay, skipped = 0, time.time(), 0.0, False, 0
     t_fetch = time.time()
@@ -504,7 +608,14 @@ def train(args) -> None:
         pixels = None if grid else batch["pixels"]
         pixel_values = None if pixels is None else normalise(pixels.to(device, non_blocking=True))
         kind = ("grid-read" if grid else "read") if batch.get("read") else "grid" if grid else task
-        aux, acc, common, align = (torch.zeros((), device=device) for _ in range(4))
+        aux, acc, common, align, index_ce, index_acc = (torch.zeros((), device=device) for _ in range(6))
+        alpha = 0.0
+        if mixer is not None:
+            alpha = mix_alpha(args.grid_mix, elapsed / budget, args.mix_frac) if task == "synth_docvqa" else 0.0
+            target = None
+            if alpha > 0 and pixels is not None:
+                target = model.get_input_embeddings()(table[batch["cells"].to(device).long()]).detach()
+            mixer.set(alpha, target)
         try:
             with autocast:
                 loss = forward(input_ids=ids, pixel_values=pixel_values, labels=labels, use_cache=False).loss
@@ -514,9 +625,16 @@ def train(args) -> None:
                 if feats is not None and task == "synth_docvqa" and args.align > 0:
                     align = align_loss(feats, cells, model.get_input_embeddings(), table)
                     total = total + args.align * align
+                if feats is not None and task == "synth_docvqa" and args.align_ce > 0:
+                    ce, acc = align_ce_loss(feats, cells, model.get_input_embeddings(), table)
+                    total = total + args.align_ce * ce
+                    aux = ce.detach()
                 if feats is not None and task in aux_w:
                     aux, acc = aux_loss(head(feats), cells)
                     total = total + aux_w[task] * aux
+                if index_head is not None and task == "synth_multi":
+                    index_ce, index_acc = index_head.loss(ids, enc.image_id)
+                    total = total + args.aux_index * index_ce
                 if feats is not None:
                     common = common_logodds(feats)
                     if args.aux_center > 0:
@@ -540,7 +658,8 @@ def train(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses[kind] += torch.stack(
-            [loss.detach().float(), aux.detach().float(), acc.float(), common.detach().float(), align.detach().float()]
+            [loss.detach().float(), aux.detach().float(), acc.float(), common.detach().float(), align.detach().float(),
+             index_ce.detach().float(), index_acc.float()]
         )
         stats[kind][1] += 1
         step += 1
@@ -548,18 +667,26 @@ def train(args) -> None:
             parts = []
             for k in kinds:
                 if stats[k][1]:
-                    lm, ax, ac, sh, al = (losses[k] / stats[k][1]).tolist()
-                    more = [f"aux {ax:.3f} acc {ac:.2f}"] if head and ax else []
+                    lm, ax, ac, sh, al, ix, ixa = (losses[k] / stats[k][1]).tolist()
+                    ce_kind = args.align_ce > 0 and k in ("synth_docvqa", "read")  # aux/acc hold align_ce's
+                    more = [f"aux {ax:.3f} acc {ac:.2f}"] if head and ax and not ce_kind else []
                     more += [f"common {sh:.2f}"] if tap and k not in ("grid", "grid-read", "copy") else []
                     more += [f"align {al:.3f}"] if al else []
+                    more += [f"index {ix:.3f} acc {ixa:.2f}"] if index_head and k == "synth_multi" else []
+                    more += [f"ce {ax:.3f} acc {ac:.2f}"] if ce_kind else []
                     parts.append(f"{k.removeprefix('synth_')} {lm:.3f}" + (f" ({' '.join(more)})" if more else ""))
                     losses[k].zero_(), stats[k].__setitem__(1, 0)
-            log(f"step {step} t {elapsed:.0f}s lr {lr:.2e} data-wait {t_wait:.0f}s | " + " ".join(parts))
+            mix = f" mix {mix_alpha(args.grid_mix, elapsed / budget, args.mix_frac):.2f}" if mixer else ""
+            log(f"step {step} t {elapsed:.0f}s lr {lr:.2e}{mix} data-wait {t_wait:.0f}s | " + " ".join(parts))
         t_fetch = time.time()
     train_s = time.time() - t_start
     log(f"trained {step} steps in {train_s:.0f}s (data wait {t_wait:.0f}s, {skipped} skipped: non-finite gradient)")
     del loader
     save_run(model, out, config=not args.no_config)
+    if mixer:
+        mixer.remove()
+    if index_head:
+        index_head.remove()
     if tap:
         tap.remove()  # the model alone from here: evaluation and the exported weights never see the head
     if head:
@@ -773,6 +900,27 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="weight of a loss pulling a form's image features to the LM's embeddings of its cells' characters",
     )
+    p.add_argument(
+        "--align-ce",
+        type=float,
+        default=0.0,
+        help="weight of a cross-entropy reading each form cell's character from its feature's cosine with the "
+        "LM's character embeddings (align_ce_loss)",
+    )
+    p.add_argument(
+        "--grid-mix",
+        type=float,
+        default=0.0,
+        help="start share of the LM's character embeddings mixed into a form's image features (GridMix)",
+    )
+    p.add_argument(
+        "--aux-index",
+        type=float,
+        default=0.0,
+        help="weight of a loss naming each image token's image in multi-image prompts (ImageIndexHead)",
+    )
+    p.add_argument("--index-layer", type=int, default=2, help="--aux-index reads the hidden states after this layer")
+    p.add_argument("--mix-frac", type=float, default=0.5, help="share of the run over which --grid-mix falls to 0")
     p.add_argument(
         "--copy", type=float, default=0.0, help="share of steps on text-only induction batches (copy_batch)"
     )
