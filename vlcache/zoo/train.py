@@ -249,8 +249,9 @@ def align_ce_loss(
     accuracy on the drawn (not blank) cells.
 
     Why not `align_loss`: regressing onto the embeddings lets the features collapse onto the space's embedding,
-    which is most cells' target; measured on the CPU on the F, G and H weights, a ridge probe then reads 0-1 % of the
-    drawn characters from the projector's output (97 % on run D's, trained with the aux head). A classifier
+    which is most cells' target: on the pre-decay weights of runs F, G and H, a linear probe reads 0, 0.5 and 11 % of
+    the drawn characters from the projector's output, against 97 % on run D's, trained with the aux head
+    (experiments/zoo_probes.py forms, CPU, 8 forms). A classifier
     whose weights are the LM's own (fixed) embeddings keeps every character apart and points its feature where
     the language model reads that character; the language model normalises each token, so the direction is what
     it reads. Blank and drawn cells weigh half each, as in `aux_loss`."""
@@ -301,10 +302,11 @@ class ImageIndexHead(torch.nn.Module):
     `--index-layer`, at every image token of a multi-image prompt, trained to name the image the token belongs to.
 
     synth_multi's answer takes two hops: each image token must carry its image's number (from the "Image k:"
-    label before it), then the last token finds the asked-for object and reads that number. Measured on the CPU
-    on run J's weights (12 prompts), a linear probe reads the image's number from the image tokens' hidden states
-    at 18-53 % over the layers (chance 25 %): the first hop is missing, and the answer's one token supervises it
-    too sparsely. Zero-initialised (the uniform guess); its loss is a plain cross-entropy over the image tokens."""
+    label before it), then the last token finds the asked-for object and reads that number. On run J's weights a
+    linear probe reads the image's number from the image tokens' hidden states at 27-58 % over the layers (chance
+    25 %; experiments/zoo_probes.py multi, CPU, 12 prompts): the first hop is missing, and the answer's one token
+    supervises it too sparsely. Zero-initialised (the uniform guess); the loss is a cross-entropy over the image
+    tokens."""
 
     def __init__(self, model, layer: int, max_images: int = 8):
         super().__init__()
