@@ -251,10 +251,10 @@ def align_ce_loss(
     Why not `align_loss`: regressing onto the embeddings lets the features collapse onto the space's embedding,
     which is most cells' target: on the pre-decay weights of runs F, G and H, a linear probe reads 0, 0.5 and 11 % of
     the drawn characters from the projector's output, against 97 % on run D's, trained with the aux head
-    (experiments/zoo_probes.py forms, CPU, 8 forms). A classifier
-    whose weights are the LM's own (fixed) embeddings keeps every character apart and points its feature where
-    the language model reads that character; the language model normalises each token, so the direction is what
-    it reads. Blank and drawn cells weigh half each, as in `aux_loss`."""
+    (experiments/zoo_probes.py forms, CPU, 8 forms). A classifier whose weights are the LM's own (fixed)
+    embeddings keeps every character apart and points each feature where the language model reads that
+    character; the language model normalises each token, so the direction is what it reads. Blank and drawn
+    cells weigh half each, as in `aux_loss`."""
     tokens = table.unique()  # the grid's characters, the space included
     target = torch.searchsorted(tokens, table[cells.long()]).reshape(-1)
     weight = torch.nn.functional.normalize(embed.weight.detach()[tokens].float(), dim=-1)
