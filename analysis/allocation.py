@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from analysis.style import budget_label, policy_color, policy_label, policy_order, save
 
 
-def _stack(values: pd.Series) -> np.ndarray | None:
+def mean_per_layer(values: pd.Series) -> np.ndarray | None:
     """Mean over jobs of equal-length per-layer lists (None when there are none)."""
     lists = [np.asarray(v, dtype=float) for v in values
              if isinstance(v, (list, tuple, np.ndarray)) and len(v)]
@@ -52,7 +52,7 @@ def allocation_figure(
 
     measured = ok[ok["layer_sparsity"].notna()] if "layer_sparsity" in ok.columns else ok.iloc[:0]
     for name in sorted(measured["dataset"].unique()):
-        gamma = _stack(measured.loc[measured["dataset"] == name, "layer_sparsity"])
+        gamma = mean_per_layer(measured.loc[measured["dataset"] == name, "layer_sparsity"])
         if gamma is not None:
             left.plot(np.arange(len(gamma)), gamma * 100, marker="o", markersize=4, label=str(name))
     if left.lines:
@@ -67,7 +67,7 @@ def allocation_figure(
 
     at_budget = rows.iloc[:0] if budget is None else rows[np.isclose(rows["budget"].astype(float), budget)]
     for policy in policies or policy_order(at_budget["policy"]):
-        beta = _stack(at_budget.loc[at_budget["policy"] == policy, "layer_budgets"])
+        beta = mean_per_layer(at_budget.loc[at_budget["policy"] == policy, "layer_budgets"])
         if beta is not None:
             right.plot(np.arange(len(beta)), beta * 100, marker="o", markersize=4, color=policy_color(policy),
                        label=policy_label(policy))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import load_jobs  # noqa: E402  (after the path setup)
-from analysis.style import policy_order  # noqa: E402
+from analysis.allocation import mean_per_layer  # noqa: E402
+from analysis.style import budget_label  # noqa: E402
+from analysis.tables import FULL_ROW, main_table  # noqa: E402
 
 
 def main() -> None:
@@ -25,33 +25,30 @@ def main() -> None:
     jobs = load_jobs([root])
     ok = jobs[jobs["status"] == "ok"]
     print(f"{len(jobs)} jobs, {len(ok)} ok, under {root}\n")
+    table = main_table(jobs, scale=1.0, average=False)  # (budget label, policy) x task, the mean of each cell
     budgets = sorted(b for b in jobs["budget"].dropna().unique() if 0 < b <= 1)
-    policies = policy_order(jobs["policy"])
-    for task in sorted(jobs["dataset"].unique()):
+    policies = table.index.get_level_values("policy").unique()
+    for task in table.columns:
         rows = ok[ok["dataset"] == task]
-        metric = rows["metric"].iloc[0] if "metric" in rows and len(rows) else "score"
-        n = int(rows["n_samples"].max()) if "n_samples" in rows and len(rows) else 0
-        print(f"| {task} {metric} ({n} samples) | " + " | ".join(f"{b:g}" for b in budgets) + " |")
+        grid = table[task].unstack("budget").reindex(index=policies)
+        labels = [budget_label(b) for b in budgets]
+        if "full" in grid.index:  # one row whatever the budget: shown under each
+            grid.loc["full", labels] = grid.loc["full", FULL_ROW]
+        print(f"| {task} {rows['metric'].iloc[0]} ({int(rows['n_samples'].max())} samples) | "
+              + " | ".join(f"{b:g}" for b in budgets) + " |")  # fmt: skip
         print("| --- |" + " --- |" * len(budgets))
         for policy in policies:
-            cells = []
-            for b in budgets:
-                sel = rows[(rows["policy"] == policy) & (rows["budget"] == b)]["accuracy"]
-                cells.append("" if sel.empty else f"{sel.mean():.3g}")
-            print(f"| {policy} | " + " | ".join(cells) + " |")
+            cells = grid.loc[policy, labels]
+            print(f"| {policy} | " + " | ".join("" if v != v else f"{v:.3g}" for v in cells) + " |")
         print()
-    print("| task | " + " | ".join(f"γ_{i}" for i in range(_layers(ok))) + " |")
-    print("| --- |" + " --- |" * _layers(ok))
-    for task in sorted(ok["dataset"].unique()):
-        gammas = [np.asarray(g, dtype=float) for g in ok[(ok["dataset"] == task) & (ok["policy"] == "vlcache")]
-                  ["layer_sparsity"] if g is not None and not (isinstance(g, float) and np.isnan(g))]  # fmt: skip
-        if gammas:
-            print(f"| {task} | " + " | ".join(f"{v:.3f}" for v in np.mean(gammas, axis=0)) + " |")
-
-
-def _layers(ok) -> int:
-    sparsity = [g for g in ok["layer_sparsity"] if isinstance(g, (list, tuple, np.ndarray))]
-    return len(sparsity[0]) if sparsity else 0
+    gammas = {task: mean_per_layer(rows.loc[rows["policy"] == "vlcache", "layer_sparsity"])
+              for task, rows in ok.groupby("dataset")}  # fmt: skip
+    gammas = {task: g for task, g in gammas.items() if g is not None}
+    layers = len(next(iter(gammas.values()))) if gammas else 0
+    print("| task | " + " | ".join(f"γ_{i}" for i in range(layers)) + " |")
+    print("| --- |" + " --- |" * layers)
+    for task, gamma in gammas.items():
+        print(f"| {task} | " + " | ".join(f"{v:.3f}" for v in gamma) + " |")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def multi(model, enc: T.Encoder, n: int) -> None:
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=T.normalise(batch["pixels"]), output_hidden_states=True)
     image = ids == enc.image_id
-    which = ((image.cumsum(1) - 1) // T.IMAGE_TOKENS)[image]
+    which = T.image_numbers(ids, enc.image_id)
     train = image.nonzero()[:, 0] < n // 2
     for layer, hidden in enumerate(out.hidden_states):  # 0: the embeddings; the last has the final norm applied
         acc = probe_accuracy(hidden[image].float(), which, 4, train).float().mean()

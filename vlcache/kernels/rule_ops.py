@@ -311,26 +311,9 @@ def _check_rows(keys, values, positions, length, extra=None) -> None:
 
 
 def _shift(
-    keys,
-    values,
-    positions,
-    length,
-    extra,
-    *,
-    rule,
-    a,
-    c,
-    zero_extra=False,
-    first=0,
-    parts=None,
-    consts=None,
-    seen=None,
-    m_off=0,
-    chunks=None,
-    scratch=None,
-    side=4,
-    config=None,
-) -> None:
+    keys, values, positions, length, extra, *, rule, a, c, zero_extra=False, first=0, parts=None, consts=None,
+    seen=None, m_off=0, chunks=None, scratch=None, side=4, config=None,
+) -> None:  # fmt: skip
     """Launches the save (several chunks) and the shift for `RULE` (see `_shift_kernel`)."""
     config = config or DEFAULT_CONFIG
     _check_rows(keys, values, positions, length, extra)
@@ -398,20 +381,8 @@ def shift_rows_(
     `chunks`: programs per row (default `num_splits`; 1: no save launch); `scratch`: preallocated buffers (else
     allocated per call when `chunks > 1`, which a CUDA graph captures into its private pool).
     """
-    _shift(
-        keys,
-        values,
-        positions,
-        length,
-        extra,
-        rule=0,
-        a=start,
-        c=count,
-        zero_extra=zero_extra,
-        chunks=chunks,
-        scratch=scratch,
-        config=config,
-    )
+    _shift(keys, values, positions, length, extra, rule=0, a=start, c=count, zero_extra=zero_extra, chunks=chunks,
+           scratch=scratch, config=config)  # fmt: skip
 
 
 def drop_oldest_(
@@ -419,21 +390,8 @@ def drop_oldest_(
 ) -> None:
     """Rolling (StreamingLLM): deletes entry `min(length - 1, first)` (the oldest after the `first` sinks) from
     each row that holds more than `keep[b, h]` entries; one entry at most, so the chunked shift always applies."""
-    _shift(
-        keys,
-        values,
-        positions,
-        length,
-        None,
-        rule=1,
-        a=keep,
-        c=keep,
-        first=first,
-        chunks=chunks,
-        scratch=scratch,
-        side=1,
-        config=config,
-    )
+    _shift(keys, values, positions, length, None, rule=1, a=keep, c=keep, first=first, chunks=chunks, scratch=scratch,
+           side=1, config=config)  # fmt: skip
 
 
 def drop_fixed_point_(
@@ -443,21 +401,8 @@ def drop_fixed_point_(
     length + seen − m) − eps)` (`consts` = float64 `[budget, eps]`, `seen` the device token count), deletes the
     `excess = length − limit` entries from `min(N_tl, length − 1, length − excess)` on. One program per row:
     `excess` is unbounded but the moved span (from `N_tl` to the end) is short."""
-    _shift(
-        keys,
-        values,
-        positions,
-        length,
-        None,
-        rule=3,
-        a=n_tl,
-        c=prompt_lengths,
-        consts=consts,
-        seen=seen,
-        m_off=m,
-        chunks=1,
-        config=config,
-    )
+    _shift(keys, values, positions, length, None, rule=3, a=n_tl, c=prompt_lengths, consts=consts, seen=seen, m_off=m,
+           chunks=1, config=config)  # fmt: skip
 
 
 # -- H2O -------------------------------------------------------------------------------------------------------
@@ -705,19 +650,5 @@ def h2o_step_(
         )  # fmt: skip
     # the shift's chunks are the splits (the same `per`, from the same block)
     shift_config = dataclasses.replace(config, block_n=block_n)
-    _shift(
-        keys,
-        values,
-        positions,
-        length,
-        scores,
-        rule=2,
-        a=keep,
-        c=recent.reshape(b),
-        zero_extra=True,
-        first=first,
-        parts=(pv, pi),
-        chunks=nsplit,
-        scratch=scratch,
-        config=shift_config,
-    )
+    _shift(keys, values, positions, length, scores, rule=2, a=keep, c=recent.reshape(b), zero_extra=True, first=first,
+           parts=(pv, pi), chunks=nsplit, scratch=scratch, config=shift_config)  # fmt: skip

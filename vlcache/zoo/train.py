@@ -297,13 +297,19 @@ def mix_alpha(start: float, progress: float, frac: float) -> float:
     return 0.0 if frac <= 0 else start * max(0.0, 1.0 - progress / frac)
 
 
+def image_numbers(ids: torch.Tensor, image_id: int) -> torch.Tensor:
+    """The image (0 for the first) of each image token of `ids`, in the order of `ids[ids == image_id]`."""
+    image = ids == image_id
+    return ((image.cumsum(1) - 1) // IMAGE_TOKENS)[image]
+
+
 class ImageIndexHead(torch.nn.Module):
     """`--aux-index W` (training only): a linear head on the language model's hidden states after decoder layer
     `--index-layer`, at every image token of a multi-image prompt, trained to name the image the token belongs to.
 
     synth_multi's answer takes two hops: each image token must carry its image's number (from the "Image k:"
     label before it), then the last token finds the asked-for object and reads that number. On run J's weights a
-    linear probe reads the image's number from the image tokens' hidden states at 27-58 % over the layers (chance
+    linear probe reads the image's number from the image tokens' hidden states after layers 1-5 at 53-58 % (chance
     25 %; experiments/zoo_probes.py multi, CPU, 12 prompts): the first hop is missing, and the answer's one token
     supervises it too sparsely. Zero-initialised (the uniform guess); the loss is a cross-entropy over the image
     tokens."""
@@ -326,10 +332,10 @@ class ImageIndexHead(torch.nn.Module):
         """(cross-entropy, accuracy) of the image number at the image tokens of `ids` (the last forward pass)."""
         hidden, self.hidden = self.hidden, None
         image = ids == image_id
-        target = (image.cumsum(1) - 1) // IMAGE_TOKENS  # 0 for the first image's tokens, 1 for the next, ...
+        target = image_numbers(ids, image_id)
         logits = self.proj(hidden[image].float())
-        ce = torch.nn.functional.cross_entropy(logits, target[image])
-        return ce, (logits.argmax(-1) == target[image]).float().mean().detach()
+        ce = torch.nn.functional.cross_entropy(logits, target)
+        return ce, (logits.argmax(-1) == target).float().mean().detach()
 
     def remove(self) -> None:
         self.handle.remove()
@@ -611,18 +617,17 @@ def train(args) -> None:
         pixel_values = None if pixels is None else normalise(pixels.to(device, non_blocking=True))
         kind = ("grid-read" if grid else "read") if batch.get("read") else "grid" if grid else task
         aux, acc, common, align, index_ce, index_acc = (torch.zeros((), device=device) for _ in range(6))
-        alpha = 0.0
+        cells = batch["cells"].to(device, non_blocking=True) if "cells" in batch else None
         if mixer is not None:
             alpha = mix_alpha(args.grid_mix, elapsed / budget, args.mix_frac) if task == "synth_docvqa" else 0.0
             target = None
             if alpha > 0 and pixels is not None:
-                target = model.get_input_embeddings()(table[batch["cells"].to(device).long()]).detach()
+                target = model.get_input_embeddings()(table[cells.long()]).detach()
             mixer.set(alpha, target)
         try:
             with autocast:
                 loss = forward(input_ids=ids, pixel_values=pixel_values, labels=labels, use_cache=False).loss
                 feats = tap.pop() if tap else None
-                cells = batch["cells"].to(device, non_blocking=True) if feats is not None and "cells" in batch else None
                 total = loss
                 if feats is not None and task == "synth_docvqa" and args.align > 0:
                     align = align_loss(feats, cells, model.get_input_embeddings(), table)
