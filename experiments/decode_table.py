@@ -3,7 +3,8 @@
 One row per (batch, prompt) point and path: decode ms/token against its floor, the decode and end-to-end
 speedups against transformers `generate` (same run), the decode speedup against the framework's own full-cache
 path with 90% of the floor ratio beside it, prefill + compression against the full path's, KV bytes kept and
-allocated as a share of the full cache.
+the storage allocated for them while decoding (the reserved cache less its room for generated tokens; rows from
+runs before that was recorded leave it empty) as a share of the full cache's.
 
 Usage: python experiments/decode_table.py FILE[:BxP,...][:-policy,...] ...
 
@@ -40,8 +41,8 @@ def main(paths: list[str]) -> None:
     rows = rows_of(paths)
     points = sorted({(r["batch"], r["prompt_len"]) for r in rows}, key=lambda p: (p[1] * p[0], p[0]))
     print("| (B, prompt) | path | decode ms/tok | × floor | vs HF (paper) | vs own full (90% floor ratio) | "
-          "e2e vs HF (paper) | prefill+compress vs full | KV kept / full |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "e2e vs HF (paper) | prefill+compress vs full | KV kept / full | KV allocated / full |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for point in points:
         here = [r for r in rows if (r["batch"], r["prompt_len"]) == point]
         hf = next(r for r in here if r["path"] == "transformers")
@@ -54,7 +55,7 @@ def main(paths: list[str]) -> None:
             dec = r["decode_ms_per_token"]
             cells = [f"({point[0]}, {point[1] // 1024}K)", name, f"{dec:.2f}", f"{dec / r['floor_ms']:.2f}"]
             if r is hf:
-                cells += ["1", "", "1", "", "100%"]
+                cells += ["1", "", "1", "", "100%", ""]
             else:
                 vs_full = full["decode_ms_per_token"] / dec
                 want = 0.9 * full["floor_ms"] / r["floor_ms"]
@@ -65,6 +66,7 @@ def main(paths: list[str]) -> None:
                     f"{hf['e2e_ms'] / r['e2e_ms']:.2f}" + ("" if r is full else f" ({paper_e2e})"),
                     "" if r is full else f"{pre:+.1%}",
                     f"{r['kv_bytes'] / full['kv_bytes']:.1%}",
+                    f"{r['kv_bytes_prompt_storage'] / full['kv_bytes']:.1%}" if "kv_bytes_prompt_storage" in r else "",
                 ]
             print("| " + " | ".join(cells) + " |")
 

@@ -1,5 +1,6 @@
 """The compressed cache: keep, per-row lengths, logical vs physical length, appends, removal, real memory."""
 
+import pytest
 import torch
 
 from vlcache.cache import CompressedCache, CompressedLayer
@@ -71,3 +72,51 @@ def test_cache_totals():
     assert cache.kept_counts().tolist() == [[[8, 8]], [[4, 2]], [[8, 8]]]
     assert cache.kept_bytes() == 2 * (16 + 6 + 16) * 4 * 4
     assert cache.get_seq_length() == 8
+
+
+def test_reserve_ragged_packs_each_sequence_at_its_own_capacity():
+    """`reserve_ragged`: sequence b gets its longest row + `extra` slots, packed end to end; every valid entry and
+    its position is kept, the spare slots are empty, and the storage is what the sequences' own capacities need."""
+    layer, _, _ = _prefilled(b=3, h=2, m=9, d=5)
+    g = torch.Generator().manual_seed(2)
+    count = torch.tensor([[9, 3], [0, 0], [2, 5]])  # a full row, an empty sequence, differing rows
+    index = torch.stack([torch.stack([torch.randperm(9, generator=g) for _ in range(2)]) for _ in range(3)])
+    layer.keep(index, count)
+    keys, values, positions = layer.keys.clone(), layer.values.clone(), layer.positions.clone()
+    kept_bytes = layer.kept_bytes()
+    layer.reserve_ragged(4)
+    caps = [9 + 4, 0 + 4, 5 + 4]
+    assert layer.bounds.tolist() == [0, 13, 17, 26] and layer.bounds.dtype == torch.long
+    assert layer.capacity == 13  # the largest row capacity (split counts)
+    assert layer.keys.shape == (1, 2, 26, 5) and layer.positions.shape == (1, 2, 26) and layer.keys.is_contiguous()
+    assert layer.nbytes() == 2 * sum(caps) * 2 * 5 * layer.keys.element_size()
+    assert layer.kept_bytes() == kept_bytes and torch.equal(layer.length, count)
+    for b in range(3):
+        lo, hi = int(layer.bounds[b]), int(layer.bounds[b + 1])
+        for h in range(2):
+            c = int(count[b, h])
+            assert torch.equal(layer.keys[0, h, lo : lo + c], keys[b, h, :c])
+            assert torch.equal(layer.values[0, h, lo : lo + c], values[b, h, :c])
+            assert torch.equal(layer.positions[0, h, lo : lo + c], positions[b, h, :c])
+            assert (layer.positions[0, h, lo + c : hi] == -1).all() and (layer.keys[0, h, lo + c : hi] == 0).all()
+    assert layer.reserved and int(layer.seen_device) == layer.seen == 9
+    # only the fused step's kernels know the layout: the [B, H, capacity] operations refuse it
+    for call in (
+        layer.valid_mask,
+        lambda: layer.update(torch.zeros(3, 2, 1, 5), torch.zeros(3, 2, 1, 5)),
+        lambda: layer.keep(index, count),
+        lambda: layer.grow(1),
+        lambda: layer.reserve(20),
+        lambda: layer.reserve_ragged(1),
+    ):
+        with pytest.raises(RuntimeError, match="ragged"):
+            call()
+
+
+def test_reserve_ragged_of_an_empty_layer():
+    layer, _, _ = _prefilled(b=2, h=2, m=4)
+    layer.keep(torch.zeros(2, 2, 0, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
+    assert layer.capacity == 0
+    layer.reserve_ragged(3)
+    assert layer.bounds.tolist() == [0, 3, 6] and layer.keys.shape == (1, 2, 6, 5)
+    assert (layer.positions == -1).all() and (layer.keys == 0).all()

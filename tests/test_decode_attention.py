@@ -124,3 +124,58 @@ def test_bad_shapes():
         decode_attention(q, k, k, torch.ones(1, 3, dtype=torch.long), backend="torch")
     with pytest.raises(ValueError):
         decode_attention(q, k[:, :2], k[:, :2], torch.ones(1, 3, dtype=torch.long), backend="torch")
+
+
+# -- ragged storage (CompressedLayer.reserve_ragged): k/v [1, Hkv, T, D], sequence b at slots [bounds[b], bounds[b+1])
+def _ragged_inputs(caps, lengths, hkv, group, d, dtype, backend, seed=None):
+    """Random padded inputs at the largest row capacity, then each sequence's first `caps[b]` slots packed end to
+    end into `[1, Hkv, T, D]`; slots past each row's length hold junk (as in `_inputs`)."""
+    q, k, v, _ = _inputs(len(caps), hkv, group, max(caps), d, dtype, lengths.clamp(max=max(caps)), seed, backend)
+    pack = lambda t: torch.cat([t[b, :, :c] for b, c in enumerate(caps)], dim=1)[None].contiguous()  # noqa: E731
+    bounds = torch.tensor([0, *caps], dtype=torch.long).cumsum(0).to(DEVICE)
+    return q, (k, v), (pack(k), pack(v)), bounds, lengths.to(DEVICE)
+
+
+RAGGED_CASES = [
+    # caps differ per sequence; rows of length 0; a row at full capacity; odd lengths; a length past its own row's
+    # capacity (clamped to it, so the next sequence's entries are never read)
+    ([37, 5, 203], [[37, 0], [3, 5], [0, 117]]),
+    ([64, 0, 129], [[1, 64], [0, 0], [129, 77]]),
+    ([9, 150, 12], [[20, 0], [149, 150], [12, 11]]),
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "splits"), [(b, None) for b in BACKENDS] + [("triton", s) for s in (1, 3) if "triton" in BACKENDS]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize(("caps", "lengths"), RAGGED_CASES)
+def test_ragged_bounds(backend, splits, dtype, group, caps, lengths):
+    """Each sequence over its own span of the packed storage equals the float64 reference over its padded rows
+    (Triton: the default split count, one split, three)."""
+    hkv, d = 2, 40
+    lengths = torch.tensor(lengths)
+    q, (k_pad, v_pad), (k, v), bounds, length = _ragged_inputs(caps, lengths, hkv, group, d, dtype, backend)
+    clamped = torch.minimum(lengths, torch.tensor(caps)[:, None])
+    ref = reference(q, k_pad, v_pad, clamped, d**-0.5)
+    kw = dict(backend=backend, bounds=bounds, splits=splits)
+    for max_cap in (max(caps), None):  # given (no host read, as the fused step passes it), or read from bounds
+        out = decode_attention(q, k, v, length, max_cap=max_cap, **kw)
+        assert out.shape == (len(caps), hkv * group, 1, d) and out.dtype == dtype
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < TOL[dtype]
+        empty = (clamped == 0).repeat_interleave(group, dim=1)
+        assert (out[empty.to(DEVICE)] == 0).all()
+
+
+def test_ragged_bad_bounds():
+    q = torch.randn(2, 4, 1, 16)
+    k = torch.randn(1, 2, 8, 16)
+    length = torch.ones(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="bounds"):
+        decode_attention(q, k, k, length, backend="torch", bounds=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="ragged"):
+        decode_attention(
+            q, k.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), length, backend="torch", bounds=torch.tensor([0, 4, 8])
+        )

@@ -179,7 +179,9 @@ def test_cpu_eager_tokens_equal_simple_path(cpu_adapter, name, budget, decode, m
                         graph_safe_rules=True)
     assert stats["mode"] == "eager"
     assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens
-    assert stats["kv_bytes_reserved"] > out.kv_bytes_allocated  # reserved once, max_new_tokens of room
+    # reserved once, max_new_tokens of room per row over the prompt's storage (ragged: each sequence's own
+    # capacity, which may be less than the padded allocation after compression)
+    assert stats["kv_bytes_reserved"] > stats["kv_bytes_prompt_storage"] >= out.kv_bytes_kept
 
 
 @pytest.mark.parametrize("batch", [2, 3])
@@ -197,8 +199,8 @@ def test_cpu_graph_safe_rules_tokens_equal_simple_path(cpu_adapter, name, decode
     assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens
 
 
-def test_embedded_model_graph_safe_rules_tokens_equal_simple_path():
-    """The trained embedded model on a few synth samples (its greedy answers are not one repeated token)."""
+def _embedded_batch():
+    """The trained embedded model on the CPU and a batch of two synth_docvqa and two synth_count test samples."""
     from vlcache.data import generators
     from vlcache.models.load import embedded_checkpoint, load_model
 
@@ -208,7 +210,12 @@ def test_embedded_model_graph_safe_rules_tokens_equal_simple_path():
         pytest.skip("no embedded checkpoint")
     adapter = load_model(cfg, torch.device("cpu"))
     samples = [generators()[task]("test", i) for task in ("synth_docvqa", "synth_count") for i in range(2)]
-    inputs = adapter.build_inputs([s["question"] for s in samples], [[s["image"]] for s in samples])
+    return adapter, adapter.build_inputs([s["question"] for s in samples], [[s["image"]] for s in samples])
+
+
+def test_embedded_model_graph_safe_rules_tokens_equal_simple_path():
+    """The trained embedded model on a few synth samples (its greedy answers are not one repeated token)."""
+    adapter, inputs = _embedded_batch()
     for name, decode in PER_TOKEN:
         for budget in (0.1, 0.3):
             ref = generate(adapter, policy(name, budget, decode=decode), inputs, 16)
@@ -245,3 +252,53 @@ def test_reserve_appends_in_place():
     assert layer.positions[0, 0].tolist() == list(range(9))
     layer.sync_seen()
     assert layer.get_seq_length() == 9
+
+
+# -- ragged storage: each sequence reserved at its own capacity (CompressedLayer.reserve_ragged) ------------------
+def _ragged_vs_padded(adapter, inputs, name: str, budget: float, steps: int, **groups: str) -> tuple[dict, dict]:
+    """The fused step's stats (ragged storage) and the module path's (padded), both checked against the simple
+    loop's tokens."""
+    ref = generate(adapter, policy(name, budget, **groups), inputs, steps)
+    fused, padded = {}, {}
+    out = generate_fast(adapter, policy(name, budget, **groups), inputs, steps, stats=fused)
+    assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens, (name, budget)
+    out = generate_fast(adapter, policy(name, budget, **groups), inputs, steps, stats=padded, fused=False)
+    assert out.tokens == ref.tokens and padded["layout"] == "padded"
+    return fused, padded
+
+
+def test_cpu_ragged_storage_tokens_equal_simple_path(cpu_adapter):
+    """VL-Cache keeps a share of each sequence's own prompt: three prompt lengths, three kept counts. The fused step
+    stores each sequence at its own capacity, less than the padded layout (every sequence at the longest), with
+    the simple loop's tokens."""
+    inputs = cpu_adapter.build_inputs(QUESTIONS + ["How many?"], [[im] for im in random_images(3, seed=7)])
+    fused, padded = _ragged_vs_padded(cpu_adapter, inputs, "vlcache", 0.3, STEPS)
+    assert fused["step"] == "fused" and fused["layout"] == "ragged"
+    assert fused["kv_bytes_prompt_storage"] < padded["kv_bytes_prompt_storage"]
+    assert fused["kv_bytes_reserved"] - fused["kv_bytes_prompt_storage"] == (
+        padded["kv_bytes_reserved"] - padded["kv_bytes_prompt_storage"]  # the same room for generated tokens
+    )
+
+
+def test_embedded_model_ragged_storage_tokens_equal_simple_path():
+    """The trained embedded model, whose VL-Cache layer budgets differ per sequence (synth_docvqa and synth_count
+    prompts): ragged storage, the simple loop's tokens, less memory than the padded layout."""
+    adapter, inputs = _embedded_batch()
+    for budget in (0.1, 0.3):
+        fused, padded = _ragged_vs_padded(adapter, inputs, "vlcache", budget, 16)
+        assert fused["step"] == "fused" and fused["layout"] == "ragged"
+        assert fused["kv_bytes_prompt_storage"] < padded["kv_bytes_prompt_storage"]
+
+
+@pytest.mark.parametrize("graph_safe_rules", [True, False])
+def test_cpu_per_token_rule_keeps_padded_storage(cpu_adapter, graph_safe_rules):
+    """H2O evicts per token (its static update or `on_token`), indexing rows as [B, Hkv, capacity]: padded."""
+    inputs = _inputs(cpu_adapter)
+    ref = generate(cpu_adapter, policy("h2o", 0.3, decode="h2o"), inputs, STEPS)
+    stats = {}
+    out = generate_fast(
+        cpu_adapter, policy("h2o", 0.3, decode="h2o"), inputs, STEPS, stats=stats, graph_safe_rules=graph_safe_rules
+    )
+    assert stats["step"] == "fused" and stats["layout"] == "padded"
+    assert stats["rule_update"] == ("static" if graph_safe_rules else "eager")
+    assert out.tokens == ref.tokens and out.new_tokens == ref.new_tokens

@@ -106,6 +106,45 @@ def test_rope_append(backend, dtype, b, hq, hkv, d, cap):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("caps", [[7, 3, 12], [5, 0, 9]])
+def test_rope_append_ragged(backend, dtype, caps):
+    """Ragged storage (`bounds`): each sequence's span after the append equals the padded `rope_append` run on that
+    sequence alone at its own capacity, on the same data: the key and value at slot `bounds[b] + length`, its
+    position, the length advanced, a full row left as it was, and no slot of another sequence touched."""
+    hq, hkv, d = 6, 2, 10
+    b = len(caps)
+    qkv = _rand(b, (hq + 2 * hkv) * d, dtype=dtype)
+    ang = _rand(b, d // 2, dtype=torch.float64, scale=3.0)
+    cos, sin = (f(torch.cat((ang, ang), -1)).to(dtype) for f in (torch.cos, torch.sin))
+    keys_pad, values_pad = _rand(b, hkv, max(caps), d, dtype=dtype), _rand(b, hkv, max(caps), d, dtype=dtype)
+    positions_pad = torch.randint(0, 100, (b, hkv, max(caps))).to(DEVICE)
+    length = torch.stack([torch.randint(0, c + 1, (hkv,)) for c in caps]).to(DEVICE)
+    length[0, 0] = caps[0]  # a full row: left as it is
+    seen = torch.tensor(1234, device=DEVICE)
+    pack = lambda t: torch.cat([t[i, :, :c] for i, c in enumerate(caps)], dim=1)[None].contiguous()  # noqa: E731
+    keys, values, positions = pack(keys_pad), pack(values_pad), pack(positions_pad)
+    full_row = keys[0, 0, : caps[0]].clone()
+    bounds = torch.tensor([0, *caps]).cumsum(0).to(DEVICE)
+    ragged_length = length.clone()
+    q = rope_append(qkv, cos, sin, keys, values, ragged_length, positions, seen, hq, backend=backend, bounds=bounds)
+    assert torch.equal(keys[0, 0, : caps[0]], full_row) and int(ragged_length[0, 0]) == caps[0]
+    for i, c in enumerate(caps):
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        if c == 0:  # no room at all: nothing written, the length stays 0
+            assert (ragged_length[i] == 0).all()
+            continue
+        one = slice(i, i + 1)
+        k1, v1, p1 = (t[one, :, :c].clone() for t in (keys_pad, values_pad, positions_pad))
+        n1 = length[one].clone()
+        q1 = rope_append(qkv[one], cos[one], sin[one], k1, v1, n1, p1, seen, hq, backend=backend)
+        assert torch.equal(q[one], q1)
+        assert torch.equal(keys[0, :, lo:hi], k1[0]) and torch.equal(values[0, :, lo:hi], v1[0])
+        assert torch.equal(positions[0, :, lo:hi], p1[0]) and torch.equal(ragged_length[one], n1)
+    assert torch.equal(ragged_length, torch.minimum(length + 1, torch.tensor(caps, device=DEVICE)[:, None]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rope_append_rounds_as_transformers(backend):
     """bf16: the rotation rounds each product and the sum as `q * cos + rotate_half(q) * sin` does."""
     if not _rtne(backend, torch.bfloat16):
@@ -158,3 +197,37 @@ def _to(layer):
         setattr(layer, name, getattr(layer, name).to(DEVICE))
     layer.device = torch.device(DEVICE)
     return layer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_step_on_ragged_storage_equals_module_step(kind):
+    """The fused step on a ragged cache (`reserve_ragged`: each sequence at its own capacity) against the module
+    path on the padded one: the same logits, and each row's valid entries, positions and lengths."""
+    model = tiny_lm(kind).to(DEVICE)
+    ref_cache = ragged_cache(model, batch=3, prompt=11, room=4)
+    cache = ragged_cache(model, batch=3, prompt=11, room=4)
+    ref_cache.layers = [_to(layer) for layer in ref_cache.layers]
+    cache.layers = [_to(layer) for layer in cache.layers]
+    for layer in cache.layers:  # re-packed from ragged_cache's padded reservation
+        layer.reserve_ragged(3)
+    assert any(len(set(layer.bounds.diff().tolist())) > 1 for layer in cache.layers)  # capacities differ
+    seen = cache.share_seen()
+    decoder = FusedDecoder(model)
+    tokens = torch.tensor([5, 17, 96], device=DEVICE)
+    positions = torch.tensor([11, 9, 4], device=DEVICE)
+    with torch.inference_mode():
+        for _ in range(3):  # the third fills the rows that were longest in their sequence
+            ref = module_step(model, ref_cache, tokens, positions)
+            seen.add_(1)
+            out = decoder(tokens, positions[:, None], cache, seen)
+            assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), float((out - ref).abs().max())
+            for a, r in zip(ref_cache.layers, cache.layers):
+                assert torch.equal(a.length, r.length)
+                for i in range(3):
+                    lo = int(r.bounds[i])
+                    for h in range(a.length.shape[1]):
+                        n = int(a.length[i, h])
+                        assert torch.equal(a.positions[i, h, :n], r.positions[0, h, lo : lo + n])
+                        assert torch.allclose(a.keys[i, h, :n], r.keys[0, h, lo : lo + n], atol=1e-5)
+                        assert torch.allclose(a.values[i, h, :n], r.values[0, h, lo : lo + n], atol=1e-5)
+            tokens, positions = ref.argmax(-1), positions + 1

@@ -8,6 +8,11 @@ position, and decoding continues from the original prompt length.
 
 After `keep`, the storage is re-allocated at the largest kept count of the layer, so a smaller budget frees
 real memory; spare room for generated tokens is added in chunks (`grow`).
+
+The fast decode path may instead pack a layer raggedly (`reserve_ragged`): each sequence gets its own capacity
+(its longest KV-head row plus room for generated tokens), the rows laid end to end along the token axis of
+`keys`/`values` `[1, H_kv, T, D]`, `bounds[b]` the first token slot of sequence `b`. Policies that give each
+sequence its own budget (VL-Cache) then allocate what they keep, not the batch's longest row `B` times.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class CompressedLayer(CacheLayerMixin):
         self.compressed = False
         self.reserved = False  # `reserve` was called: appends neither reallocate nor read lengths back
         self.seen_device: torch.Tensor | None = None  # `seen` on the device while reserved (graph replays)
+        self.bounds: torch.Tensor | None = None  # [B + 1] int64 row starts of the ragged layout; None: padded
+        self._ragged_cap = 0  # largest row capacity of the ragged layout (a host int: split counts read it)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -41,6 +48,7 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Stores new entries at each row's end and returns the whole buffers (attention masks by `length`)."""
         b, h, n, _ = key_states.shape
+        self._padded_only("update")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.keys, self.values = key_states, value_states
@@ -77,13 +85,26 @@ class CompressedLayer(CacheLayerMixin):
     # -- what policies call ------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
+        """Entries per row: the padded layout's token axis, or the ragged layout's largest row capacity."""
+        if self.bounds is not None:
+            return self._ragged_cap
         return 0 if self.keys is None else self.keys.shape[2]
+
+    def _padded_only(self, what: str) -> None:
+        """Raises for operations that index rows as `[B, H, capacity]` on a ragged layer (`reserve_ragged`)."""
+        if self.bounds is not None:
+            raise RuntimeError(
+                f"CompressedLayer.{what}: the layer has the ragged layout (reserve_ragged); only the fused decode "
+                "step (rope_append / decode_attention with bounds) reads and appends to it"
+            )
 
     def valid_mask(self) -> torch.Tensor:
         """`[B, H, capacity]` bool: which physical entries hold data."""
+        self._padded_only("valid_mask")
         return torch.arange(self.capacity, device=self.device) < self.length[..., None]
 
     def grow(self, extra: int) -> None:
+        self._padded_only("grow")
         b, h, cap, d = self.keys.shape
         pad = lambda t, *tail: torch.cat([t, t.new_zeros(b, h, extra, *tail)], dim=2)  # noqa: E731
         self.keys, self.values = pad(self.keys, d), pad(self.values, d)
@@ -96,8 +117,41 @@ class CompressedLayer(CacheLayerMixin):
         decode step can be captured in a CUDA graph; `seen_device` counts tokens on the device (a replayed
         graph does not run the Python `seen += n`: call `sync_seen` after replays).
         """
+        self._padded_only("reserve")
         if capacity > self.capacity:
             self.grow(capacity - self.capacity)
+        self.reserved = True
+        self.seen_device = torch.tensor(self.seen, dtype=torch.long, device=self.device)
+
+    def reserve_ragged(self, extra: int) -> None:
+        """Re-packs the layer raggedly, sized once: sequence `b` gets `cap_b = max_h length[b, h] + extra` entries
+        per KV head, so each sequence holds its own kept count plus room for `extra` generated tokens rather
+        than the batch's longest row.
+
+        `keys`/`values` become `[1, H, T, D]` and `positions` `[1, H, T]` (contiguous, `T = sum_b cap_b`): row
+        `(b, h)` occupies token slots `[bounds[b], bounds[b + 1])` of head `h`, its valid entries first (in
+        their order), then spare slots (zero, position -1). `length` stays `[B, H]`. As after `reserve`, appends
+        (the fused step's `rope_append`) write in place with no host reads; `update`, `keep`, `valid_mask` and
+        the other `[B, H, capacity]` operations raise from then on.
+        """
+        self._padded_only("reserve_ragged")
+        if self.capacity == 0:  # nothing kept anywhere: one spare slot to gather from (masked out below)
+            self.grow(1)
+        b, h, cap, d = self.keys.shape
+        row_cap = self.length.amax(1) + extra  # [B]
+        self.bounds = torch.cat([row_cap.new_zeros(1), row_cap.cumsum(0)])
+        total, self._ragged_cap = (int(x) for x in torch.stack([self.bounds[-1], row_cap.max()]).tolist())
+        # one gather over the packed token axis: slot t belongs to the row whose span holds it
+        t = torch.arange(total, device=self.device)
+        row = torch.searchsorted(self.bounds[1:], t, right=True)  # [T]
+        local = t - self.bounds[row]  # [T] index within the row
+        valid = local < self.length[row].T  # [H, T]
+        src = local.clamp(max=cap - 1)
+        keys, values = self.keys[row, :, src].transpose(0, 1), self.values[row, :, src].transpose(0, 1)  # [H, T, D]
+        # zeroed spare slots, as `keep` leaves them: deterministic buffers (never read: lengths bound the rows)
+        self.keys = torch.where(valid[..., None], keys, 0)[None].contiguous()
+        self.values = torch.where(valid[..., None], values, 0)[None].contiguous()
+        self.positions = torch.where(valid, self.positions[row, :, src].T, -1)[None].contiguous()
         self.reserved = True
         self.seen_device = torch.tensor(self.seen, dtype=torch.long, device=self.device)
 
@@ -118,6 +172,7 @@ class CompressedLayer(CacheLayerMixin):
         `keys`/`values` (`[B, H, K, D]`, aligned with `index`) replace the gathered entries when a merging
         reducer changed them. The new capacity is `K = index.shape[-1]`, the largest count of the layer.
         """
+        self._padded_only("keep")
         d = self.keys.shape[-1]
         gidx = index[..., None].expand(-1, -1, -1, d)
         new_keys = keys if keys is not None else self.keys.gather(2, gidx)
@@ -132,6 +187,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def remove(self, index: torch.Tensor, active: torch.Tensor) -> None:
         """Deletes entry `index[b, h]` from every row where `active[b, h]`, shifting later entries left."""
+        self._padded_only("remove")
         cap = self.capacity
         j = torch.arange(cap, device=self.device).expand(*index.shape, cap)
         src = torch.where(active[..., None] & (j >= index[..., None]), (j + 1).clamp(max=cap - 1), j)
@@ -153,6 +209,7 @@ class CompressedLayer(CacheLayerMixin):
         (`vlcache.kernels.rule_ops.shift_rows_`, `chunks` programs per row; slots past the new length
         may then hold other stale entries than here); else a gather of the whole buffer.
         """
+        self._padded_only("drop_")
         from vlcache.kernels import rule_ops  # imports triton: only when dropping
 
         if rule_ops.supported(self.keys):

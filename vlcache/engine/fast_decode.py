@@ -5,7 +5,10 @@
 1. prefill (SDPA) and `policy.compress(cache)`: the same code (`prefill_and_compress`);
 2. static buffers, sized once: every cache layer is reserved to ``max kept + max_new_tokens`` entries per row
    (`CompressedLayer.reserve`), so appends write in place and never read lengths back to the host; the next
-   token, the positions, the finished mask, the output ids and the write column are device tensors;
+   token, the positions, the finished mask, the output ids and the write column are device tensors. Where the
+   fused step runs with no per-token rule, each sequence gets its own capacity instead (its longest row of the
+   layer + ``max_new_tokens``, rows packed end to end: `CompressedLayer.reserve_ragged`), so per-sequence
+   budgets (VL-Cache) allocate what they keep rather than the batch's longest row for every sequence;
 3. decode attention through the ragged Triton kernel, over each layer's, KV head's and sequence's own valid
    entries; for Llama-family language models the whole step runs as `FusedDecoder` (vlcache/engine/
    fused_decode.py: about ten launches per layer), for the others through the model's modules
@@ -140,8 +143,10 @@ def decode_fast(
     Returns the ids per sequence (one per step, the first token included, cut where the simple loop stops),
     that count, and the host clock (ms) at the end. `stats` gets: `mode` ("graph" or "eager"), `reason` (why
     eager), `steps` (decode steps run), `setup_ms` (from `t_start`: reserve, warm-up step, capture),
-    `loop_ms` and `loop_steps` (the steps after the first: the steady state), `kv_bytes_reserved`, `step`
-    ("fused" or "modules") and `step_reason` (why not fused).
+    `loop_ms` and `loop_steps` (the steps after the first: the steady state), `kv_bytes_reserved` (the cache's
+    storage once reserved), `kv_bytes_prompt_storage` (that, less the `max_new_tokens` entries of room per row),
+    `layout` ("ragged": `reserve_ragged`, or "padded": `reserve`), `step` ("fused" or "modules") and
+    `step_reason` (why not fused).
     `on_reserved(cache)` is called once after the buffers are reserved, before the first step (a graph-safe
     decode rule sizes its state to them there).
     """
@@ -151,19 +156,33 @@ def decode_fast(
     info = {} if stats is None else stats
     t_start = now_ms(device) if t_start is None else t_start
 
-    # -- static buffers, sized once --------------------------------------------------------------------------
-    kept = torch.stack([layer.length.amax() for layer in cache.layers]).tolist()  # one host sync
-    for layer, k in zip(cache.layers, kept):
-        layer.reserve(int(k) + max_new_tokens)
-    if on_reserved is not None:
-        on_reserved(cache)
-    info["kv_bytes_reserved"] = cache.nbytes()
     ctx.fast_decode = True
     why_not = "fused=False" if fused is False else unsupported_reason(adapter.model)
     if fused and why_not:
         raise ValueError(f"fused=True, but the fused decode step cannot run this model: {why_not}")
     decoder = None if why_not else FusedDecoder(adapter.model)
     info.update(step="modules" if decoder is None else "fused", step_reason=why_not)
+
+    # -- static buffers, sized once --------------------------------------------------------------------------
+    # ragged only where nothing but the fused step's kernels touches the cache: the module path and the
+    # per-token rules index rows as [B, Hkv, capacity]
+    ragged = decoder is not None and on_reserved is None and ctx.on_decode is None
+    if ragged:
+        for layer in cache.layers:
+            layer.reserve_ragged(max_new_tokens)
+    else:
+        kept = torch.stack([layer.length.amax() for layer in cache.layers]).tolist()  # one host sync
+        for layer, k in zip(cache.layers, kept):
+            layer.reserve(int(k) + max_new_tokens)
+    if on_reserved is not None:
+        on_reserved(cache)
+    # the entries reserved for generated tokens: max_new_tokens per row, in either layout
+    room = sum(
+        2 * layer.length.numel() * max_new_tokens * layer.keys.shape[-1] * layer.keys.element_size()
+        for layer in cache.layers
+    )
+    info.update(kv_bytes_reserved=cache.nbytes(), layout="ragged" if ragged else "padded")
+    info["kv_bytes_prompt_storage"] = info["kv_bytes_reserved"] - room
     if decoder is not None:
         seen = cache.share_seen()
 

@@ -14,6 +14,11 @@ Two launches:
    It writes each split's normalised partial output and log-sum-exp (or, with one split, the final output).
 2. ``_combine_kernel``: grid ``(B·Hq,)`` merges the splits' partials with their log-sum-exp weights.
 
+Ragged storage (``bounds``, from ``CompressedLayer.reserve_ragged``): ``k``/``v`` are ``[1, Hkv, T, D]`` with the
+rows of sequence ``b`` at token slots ``[bounds[b], bounds[b + 1])`` of each KV head, so each sequence holds its
+own capacity rather than the batch's longest row; the ``RAGGED`` form of ``_split_kernel`` offsets by
+``bounds[b]`` instead of ``b``'s batch stride and clamps each row to its own capacity.
+
 The bytes read are the valid keys and values once (spare capacity is never touched): the floor of a decode
 step's attention is ``2 · Σ length · D · itemsize`` over the memory bandwidth.
 
@@ -59,7 +64,7 @@ DEFAULT_CONFIG = DecodeConfig()
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, len_ptr, bounds_ptr, o_ptr, lse_ptr,
     Hkv, G, cap, D, NSPLIT, qk_scale,
     s_qb, s_qh, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -67,7 +72,7 @@ def _split_kernel(
     s_lb, s_lh,
     s_ob, s_oh, s_os, s_od,
     s_eb, s_eh,
-    FINAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    FINAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RAGGED: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -76,7 +81,15 @@ def _split_kernel(
     h = (pid_bh % Hkv).to(tl.int64)
 
     n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int32)
-    n = tl.minimum(tl.maximum(n, 0), cap)
+    if RAGGED:  # sequence b's rows start at token slot bounds[b] of every head, with their own capacity
+        row0 = tl.load(bounds_ptr + b)
+        n = tl.minimum(tl.maximum(n, 0), (tl.load(bounds_ptr + b + 1) - row0).to(tl.int32))
+        k_base = k_ptr + h * s_kh + row0 * s_kn
+        v_base = v_ptr + h * s_vh + row0 * s_vn
+    else:
+        n = tl.minimum(tl.maximum(n, 0), cap)
+        k_base = k_ptr + b * s_kb + h * s_kh
+        v_base = v_ptr + b * s_vb + h * s_vh
     # this row's valid entries, cut into NSPLIT chunks of whole key blocks
     per = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N
     lo = pid_s * per
@@ -93,8 +106,6 @@ def _split_kernel(
     )
     if UPCAST:  # interpreter: bf16 tl.dot is wrong there, fp32 is exact
         q = q.to(tl.float32)
-    k_base = k_ptr + b * s_kb + h * s_kh
-    v_base = v_ptr + b * s_vb + h * s_vh
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -165,17 +176,31 @@ def _combine_kernel(
     tl.store(out_ptr + b * s_xb + h * s_xh + d * s_xd, res.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor) -> tuple[int, ...]:
+def _check(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: torch.Tensor,
+    bounds: torch.Tensor | None = None,
+    max_cap: int | None = None,
+) -> tuple[int, ...]:
+    """Validates the shapes; returns ``(B, Hq, Hkv, cap, D)``, ``cap`` the largest row capacity (ragged: from
+    ``max_cap``, else read from ``bounds``, a host sync)."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"q must be [B, Hq, 1, D]; got {tuple(q.shape)}")
+    want = "[B, Hkv, cap, D]" if bounds is None else "[1, Hkv, T, D] (ragged)"
     if k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"k and v must both be [B, Hkv, cap, D]; got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"k and v must both be {want}; got {tuple(k.shape)} and {tuple(v.shape)}")
     B, Hq, _, D = q.shape
     _, Hkv, cap, Dk = k.shape
-    if k.shape[0] != B or Dk != D or Hq % Hkv:
-        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[0] != (B if bounds is None else 1) or Dk != D or Hq % Hkv:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)} (k must be {want})")
     if tuple(length.shape) != (B, Hkv):
         raise ValueError(f"length must be [B, Hkv] = [{B}, {Hkv}]; got {tuple(length.shape)}")
+    if bounds is not None:
+        if tuple(bounds.shape) != (B + 1,) or bounds.dtype != torch.long:
+            raise ValueError(f"bounds must be int64 [B + 1] = [{B + 1}]; got {bounds.dtype} {tuple(bounds.shape)}")
+        cap = int((bounds[1:] - bounds[:-1]).max()) if max_cap is None else int(max_cap)
     return B, Hq, Hkv, cap, D
 
 
@@ -192,8 +217,10 @@ def num_splits(
     return max(1, min(want, most, config.max_splits))
 
 
-def _decode_attention_triton(q, k, v, length, scale, splits=None, config: DecodeConfig = DEFAULT_CONFIG):
-    B, Hq, Hkv, cap, D = _check(q, k, v, length)
+def _decode_attention_triton(
+    q, k, v, length, scale, splits=None, config: DecodeConfig = DEFAULT_CONFIG, bounds=None, max_cap=None
+):
+    B, Hq, Hkv, cap, D = _check(q, k, v, length, bounds, max_cap)
     G = Hq // Hkv
     dev = q.device
     interp = dev.type != "cuda"
@@ -216,13 +243,13 @@ def _decode_attention_triton(q, k, v, length, scale, splits=None, config: Decode
         s_o = o.stride()
         s_e = lse.stride()[:2]
     _split_kernel[(B * Hkv, nsplit)](
-        q, k, v, length, o, lse,
+        q, k, v, length, length if bounds is None else bounds, o, lse,
         Hkv, G, cap, D, nsplit, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(3),
         *k.stride(), *v.stride(),
         length.stride(0), length.stride(1),
         *s_o, *s_e,
-        FINAL=final, UPCAST=interp, IEEE=interp or q.dtype == torch.float32,
+        FINAL=final, UPCAST=interp, IEEE=interp or q.dtype == torch.float32, RAGGED=bounds is not None,
         BLOCK_G=block_g, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -237,9 +264,19 @@ def _decode_attention_triton(q, k, v, length, scale, splits=None, config: Decode
     return out
 
 
-def decode_attention_torch(q, k, v, length, scale) -> torch.Tensor:
-    """The PyTorch fallback: SDPA over the whole capacity with a per-row length mask (rows of length 0: 0)."""
-    B, Hq, Hkv, cap, D = _check(q, k, v, length)
+def decode_attention_torch(q, k, v, length, scale, bounds=None, max_cap=None) -> torch.Tensor:
+    """The PyTorch fallback: SDPA over the whole capacity with a per-row length mask (rows of length 0: 0).
+    Ragged storage (``bounds``) is first gathered into the padded ``[B, Hkv, cap, D]`` form."""
+    B, Hq, Hkv, cap, D = _check(q, k, v, length, bounds, max_cap)
+    if bounds is not None:
+        if cap == 0 or k.shape[2] == 0:
+            return torch.zeros_like(q)
+        row_cap = bounds[1:] - bounds[:-1]  # [B]
+        j = torch.arange(cap, device=k.device)
+        # slot j of sequence b, clamped into its own row (the slots past its capacity are masked by length)
+        src = (bounds[:-1, None] + torch.minimum(j, (row_cap[:, None] - 1).clamp(min=0))).clamp(max=k.shape[2] - 1)
+        k, v = k[0][:, src].transpose(0, 1), v[0][:, src].transpose(0, 1)  # [B, Hkv, cap, D]
+        length = torch.minimum(length, row_cap[:, None])
     group = Hq // Hkv
     valid = torch.arange(cap, device=k.device) < length[..., None]  # [B, Hkv, cap]
     mask = valid.repeat_interleave(group, dim=1)[:, :, None, :]
@@ -258,17 +295,24 @@ def decode_attention(
     backend: str | None = None,
     splits: int | None = None,
     config: DecodeConfig | None = None,
+    bounds: torch.Tensor | None = None,
+    max_cap: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over a ragged cache.
 
     Args:
         q: ``[B, Hq, 1, D]`` post-RoPE queries (any strides).
-        k, v: ``[B, Hkv, cap, D]`` cache buffers; query head ``h`` uses KV head ``h // (Hq // Hkv)``.
-        length: ``[B, Hkv]`` integer count of valid entries ``[0, length)`` of each row (clamped to ``cap``).
+        k, v: ``[B, Hkv, cap, D]`` cache buffers; query head ``h`` uses KV head ``h // (Hq // Hkv)``. With
+            ``bounds``: ``[1, Hkv, T, D]``, sequence ``b``'s rows at token slots ``[bounds[b], bounds[b + 1])``.
+        length: ``[B, Hkv]`` integer count of valid entries ``[0, length)`` of each row (clamped to ``cap``, or
+            with ``bounds`` to the row's own capacity ``bounds[b + 1] - bounds[b]``).
         scale: logit scale, ``D ** -0.5`` by default.
         backend: ``"triton"`` or ``"torch"`` to force one; by default CUDA tensors and CPU tensors under
             ``TRITON_INTERPRET=1`` use Triton, other CPU tensors the PyTorch fallback.
         splits: number of key-axis splits (Triton; default from ``num_splits``).
+        bounds: ``[B + 1]`` int64 row starts of the ragged layout (``CompressedLayer.bounds``); None: padded.
+        max_cap: with ``bounds``, the largest row capacity (``CompressedLayer.capacity``), which sizes the
+            splits; None reads it from ``bounds``, a host sync that a captured CUDA graph cannot contain.
 
     Returns:
         ``[B, Hq, 1, D]`` in ``q``'s dtype; rows with no valid entry give 0.
@@ -277,7 +321,7 @@ def decode_attention(
     if backend is None:
         backend = "triton" if (q.is_cuda or interpreting()) else "torch"
     if backend == "triton":
-        return _decode_attention_triton(q, k, v, length, scale, splits, config or DEFAULT_CONFIG)
+        return _decode_attention_triton(q, k, v, length, scale, splits, config or DEFAULT_CONFIG, bounds, max_cap)
     if backend == "torch":
-        return decode_attention_torch(q, k, v, length, scale)
+        return decode_attention_torch(q, k, v, length, scale, bounds, max_cap)
     raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")

@@ -13,7 +13,9 @@ memory-bandwidth floor even inside a CUDA graph. These kernels do the same arith
 * ``rope_append(qkv, cos, sin, cache layer ...)``: rotary embedding (Su et al. 2021, eq. 34, the rotate-half
   form) of the query and key heads of the fused QKV projection, rounded term by term as transformers'
   ``q * cos + rotate_half(q) * sin``; the rotated key and the value are written at each (sequence, KV head)
-  row's end of the compressed cache, with their original position, and the row's length is advanced.
+  row's end of the compressed cache, with their original position, and the row's length is advanced (padded
+  storage ``[B, Hkv, cap, D]``, or ragged ``[1, Hkv, T, D]`` with row starts ``bounds``, as
+  ``CompressedLayer.reserve_ragged`` packs it).
 
 Each has a PyTorch fallback with transformers' exact operations (CPU tensors, unless ``TRITON_INTERPRET=1``).
 """
@@ -123,13 +125,13 @@ def silu_mul(gu: torch.Tensor, *, backend=None) -> torch.Tensor:
 # -- RoPE on the query and key heads, and the cache append -----------------------------------------------------
 @triton.jit
 def _rope_append_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, len_ptr, pos_ptr, seen_ptr,
+    qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, len_ptr, pos_ptr, seen_ptr, bounds_ptr,
     Hq, cap, s_qkv, s_cs, s_ss,
     s_qb, s_qh,
     s_kb, s_kh, s_kn,
     s_vb, s_vh, s_vn,
     s_lb, s_lh, s_pb, s_ph, s_pn,
-    HALF: tl.constexpr, BLOCK: tl.constexpr,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
@@ -154,19 +156,30 @@ def _rope_append_kernel(
     else:
         h = (j - Hq).to(tl.int64)
         n = tl.load(len_ptr + b * s_lb + h * s_lh)
-        # reserved buffers: a full row drops the entry rather than write out of bounds
-        room = ok & ((n + tl.zeros([BLOCK], tl.int64)) < cap)
-        slot = tl.minimum(n, cap - 1)
-        kdst = k_ptr + b * s_kb + h * s_kh + slot * s_kn
+        if RAGGED:  # sequence b's rows start at token slot bounds[b] of every head, with their own capacity
+            row0 = tl.load(bounds_ptr + b)
+            row_cap = tl.load(bounds_ptr + b + 1) - row0
+            k_row = k_ptr + h * s_kh + row0 * s_kn
+            v_row = v_ptr + h * s_vh + row0 * s_vn
+            p_row = pos_ptr + h * s_ph + row0 * s_pn
+        else:
+            row_cap = cap
+            k_row = k_ptr + b * s_kb + h * s_kh
+            v_row = v_ptr + b * s_vb + h * s_vh
+            p_row = pos_ptr + b * s_pb + h * s_ph
+        # reserved buffers: a full row drops the entry rather than write out of bounds (or into the next row)
+        room = ok & ((n + tl.zeros([BLOCK], tl.int64)) < row_cap)
+        slot = tl.maximum(tl.minimum(n, row_cap - 1), 0)
+        kdst = k_row + slot * s_kn
         tl.store(kdst + d, o1, mask=room)
         tl.store(kdst + HALF + d, o2, mask=room)
         Hkv = (tl.num_programs(1) - Hq).to(tl.int64)
         vrow = qkv_ptr + b * s_qkv + (Hq + Hkv + h) * D
-        vdst = v_ptr + b * s_vb + h * s_vh + slot * s_vn
+        vdst = v_row + slot * s_vn
         tl.store(vdst + d, tl.load(vrow + d, mask=ok, other=0.0), mask=room)
         tl.store(vdst + HALF + d, tl.load(vrow + HALF + d, mask=ok, other=0.0), mask=room)
-        if n < cap:
-            tl.store(pos_ptr + b * s_pb + h * s_ph + slot * s_pn, tl.load(seen_ptr) - 1)
+        if n < row_cap:
+            tl.store(p_row + slot * s_pn, tl.load(seen_ptr) - 1)
             tl.store(len_ptr + b * s_lb + h * s_lh, n + 1)
 
 
@@ -193,6 +206,29 @@ def rope_append_torch(qkv, cos, sin, keys, values, length, positions, seen, hq):
     return q[:, :, None]
 
 
+def rope_append_ragged_torch(qkv, cos, sin, keys, values, length, positions, seen, hq, bounds):
+    """`rope_append_torch` on ragged storage (`keys` `[1, Hkv, T, D]`, row starts `bounds`): the same rotation,
+    then each token slot takes the new entry where it is its row's next free one. A select over the whole
+    buffer rather than a scatter, so rows of capacity 0 (whose start is the next row's) collide with nothing."""
+    _, hkv, total, D = keys.shape
+    B = bounds.shape[0] - 1
+    heads = qkv.view(B, hq + 2 * hkv, D)
+    c, s = cos[:, None], sin[:, None]
+    q = _rotate(heads[:, :hq], c, s)
+    k = _rotate(heads[:, hq : hq + hkv], c, s)
+    v = heads[:, hq + hkv :]
+    room = length < (bounds[1:] - bounds[:-1])[:, None]  # [B, Hkv]: a full row keeps its entries as they are
+    t = torch.arange(total, device=keys.device)
+    row = torch.searchsorted(bounds[1:], t, right=True)  # [T] the sequence owning slot t
+    # [Hkv, T] the slot at index `length` of its row (a full row has none: its span ends before it)
+    hit = (t - bounds[row])[None] == length[row].T
+    keys[0].copy_(torch.where(hit[..., None], k[row].transpose(0, 1), keys[0]))
+    values[0].copy_(torch.where(hit[..., None], v[row].transpose(0, 1), values[0]))
+    positions[0].copy_(torch.where(hit, seen - 1, positions[0]))
+    length.add_(room.to(length.dtype))
+    return q[:, :, None]
+
+
 def rope_append(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -205,6 +241,7 @@ def rope_append(
     num_heads: int,
     *,
     backend=None,
+    bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode token: rotates the query and key heads of `qkv` `[B, (Hq + 2·Hkv)·D]` by `cos`/`sin` `[B, D]`,
     writes the key and value of each (sequence, KV head) at entry `length[b, h]` of `keys`/`values`
@@ -212,9 +249,19 @@ def rope_append(
     (`seen`: a device scalar, the tokens seen with this one) and advances `length` `[B, Hkv]`. A row already at
     `cap` entries is left as it is.
 
+    With `bounds` (`[B + 1]` int64 row starts, `CompressedLayer.reserve_ragged`), `keys`/`values` are
+    `[1, Hkv, T, D]` and `positions` `[1, Hkv, T]`: row `(b, h)`'s entry `i` is token slot `bounds[b] + i` of
+    head `h`, and its capacity is `bounds[b + 1] - bounds[b]`.
+
     Returns the rotated queries `[B, Hq, 1, D]`.
     """
-    B, hkv, cap, D = keys.shape
+    _, hkv, cap, D = keys.shape
+    B = qkv.shape[0]
+    if (keys.shape[0] != (B if bounds is None else 1)) or (bounds is not None and bounds.shape != (B + 1,)):
+        raise ValueError(
+            f"rope_append: keys {tuple(keys.shape)} and bounds {None if bounds is None else tuple(bounds.shape)} "
+            f"do not match a batch of {B} (padded: keys [B, Hkv, cap, D]; ragged: [1, Hkv, T, D], bounds [B + 1])"
+        )
     if qkv.shape != (B, (num_heads + 2 * hkv) * D) or D % 2 or cos.shape != (B, D) or sin.shape != (B, D):
         raise ValueError(
             f"rope_append: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, keys {tuple(keys.shape)} do not match "
@@ -223,16 +270,18 @@ def rope_append(
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or qkv.stride(-1) != 1:
         raise ValueError("rope_append needs a unit stride along the head dimension")
     if not _use_triton(qkv, backend):
+        if bounds is not None:
+            return rope_append_ragged_torch(qkv, cos, sin, keys, values, length, positions, seen, num_heads, bounds)
         return rope_append_torch(qkv, cos, sin, keys, values, length, positions, seen, num_heads)
     q = torch.empty(B, num_heads, 1, D, dtype=qkv.dtype, device=qkv.device)
     _rope_append_kernel[(B, num_heads + hkv)](
-        qkv, cos, sin, q, keys, values, length, positions, seen,
+        qkv, cos, sin, q, keys, values, length, positions, seen, length if bounds is None else bounds,
         num_heads, cap, qkv.stride(0), cos.stride(0), sin.stride(0),
         q.stride(0), q.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         length.stride(0), length.stride(1), *positions.stride(),
-        HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), num_warps=1,
+        HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), RAGGED=bounds is not None, num_warps=1,
         enable_fp_fusion=False,  # no fused multiply-add: each product is rounded, as transformers' tensor ops do
     )
     return q

@@ -1,0 +1,77 @@
+"""The decode step's projections: cuBLAS (`F.linear`) against `vlcache.kernels.linear.decode_linear` in a grid of
+launch configs, at a few rows. Each form is timed as one CUDA graph of 32 calls over 32 layers' own weights
+(memory, not L2), reported per call and as the fraction of the measured copy bandwidth that reading the weights
+once would take; each Triton result is checked against cuBLAS's.
+
+    PYTHONPATH=. python experiments/linear_sweep.py --out results/bench/linear_sweep_h200.json
+
+LLaVA-1.6-Mistral-7B's shapes (hidden 4096, 32 query and 8 KV heads of 128, MLP 14336), bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from experiments.bench_decode import graph_ms, measure_copy_bw
+from vlcache.kernels.linear import LinearConfig, decode_linear
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+GRID = [
+    LinearConfig(block_n=bn, block_k=bk, num_warps=4, num_stages=st)
+    for bn, bk, st in itertools.product((32, 64), (128, 256), (3, 5))
+] + [LinearConfig(32, 512, 4, 3)]
+
+
+def time_form(rows, name, batch, form, weights, fn, bw, err=None) -> dict:
+    n, k = SHAPES[name]
+    ms = graph_ms(lambda: [fn(w) for w in weights]) / len(weights)
+    row = dict(gemm=name, batch=batch, form=form, us=ms * 1e3, frac_of_copy_bw=n * k * 2 / (ms * 1e-3) / bw,
+               max_rel_err=err)  # fmt: skip
+    rows.append(row)
+    tail = f" err {err:.1e}" if err is not None else ""
+    print(f"{name:8s} B={batch:3d} {form:24s} {row['us']:7.1f} us {row['frac_of_copy_bw']:.2f}{tail}", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--out", default="results/bench/linear_sweep.json")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    bw = measure_copy_bw(device)
+    rows = []
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5 for _ in range(32)]
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, k, device=device, dtype=torch.bfloat16)
+            ref = F.linear(x, weights[0]).float()
+            base = time_form(rows, name, batch, "cublas", weights, lambda w, x=x: F.linear(x, w), bw)
+            best = None
+            for cfg in GRID:
+                tag = f"bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+                try:
+                    out = decode_linear(x, weights[0], config=cfg).float()
+                except Exception as e:  # noqa: BLE001  (a config too large for shared memory: skipped)
+                    print(f"{name:8s} B={batch:3d} {tag}: {type(e).__name__}", flush=True)
+                    continue
+                err = float((out - ref).abs().max() / ref.abs().max())
+                row = time_form(rows, name, batch, tag, weights,
+                                lambda w, x=x, cfg=cfg: decode_linear(x, w, config=cfg), bw, err)  # fmt: skip
+                best = row if best is None or row["us"] < best["us"] else best
+            print(f"  best: {best['form']} {best['us']:.1f} us against cuBLAS {base['us']:.1f}")
+        del weights
+    meta = dict(device=torch.cuda.get_device_name(device), copy_bw_bytes_per_s=bw)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

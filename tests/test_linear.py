@@ -1,0 +1,52 @@
+"""The decode step's projections (vlcache/kernels/linear.py) against float64 references on awkward shapes: column
+counts that do not fill a block, 1-16 rows, K in whole and halved blocks, with and without a bias. The Triton form
+runs under TRITON_INTERPRET=1 on the CPU (a kernel test file: `make test`) and natively on CUDA."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlcache.kernels import linear
+from vlcache.kernels.linear import LinearConfig, decode_linear
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
+pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _rand(*shape, dtype, scale=1.0):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype).to(DEVICE)
+
+
+def _close(out, ref, dtype):
+    err = (out.double().cpu() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)
+    assert float(err) < TOL[dtype], float(err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("b", "n", "k"), [(1, 96, 128), (3, 50, 192), (16, 33, 64), (5, 40, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear(dtype, b, n, k, bias, monkeypatch):
+    x, w = _rand(b, k, dtype=dtype), _rand(n, k, dtype=dtype, scale=k**-0.5)
+    bb = _rand(n, dtype=dtype) if bias else None
+    ran = []
+    monkeypatch.setattr(linear, "F", type("F", (), {"linear": lambda *a: ran.append(1) or F.linear(*a)}))
+    out = decode_linear(x, w, bb, config=LinearConfig(block_n=32, block_k=64))
+    # the Triton form ran (not F.linear) wherever it is meant to: 16-bit on CUDA, everything in the interpreter
+    assert not ran or (DEVICE == "cuda" and dtype == torch.float32)
+    ref = x.double().cpu() @ w.double().cpu().T + (bb.double().cpu() if bias else 0)
+    assert out.shape == (b, n) and out.dtype == dtype
+    _close(out, ref, dtype)
+
+
+def test_decode_linear_falls_back_to_f_linear():
+    """K without a 16-multiple block, more rows than one tile: F.linear's own result."""
+    for b, k in ((3, 100), (17, 64)):
+        x, w = _rand(b, k, dtype=torch.float32), _rand(7, k, dtype=torch.float32)
+        assert torch.equal(decode_linear(x, w), F.linear(x, w))
+    with pytest.raises(ValueError, match="do not match"):
+        decode_linear(_rand(2, 64, dtype=torch.float32), _rand(8, 32, dtype=torch.float32))
