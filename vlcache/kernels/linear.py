@@ -6,9 +6,9 @@ down projections (34 and 117 MB) through split-K and a separate reduction launch
 ``block_n`` output columns for up to 16 rows and streams its weight rows once along K, ``num_stages`` tiles in
 flight: no split, no second launch. On an H200 (experiments/linear_sweep.py, results/bench/linear_sweep_h200.json)
 at batch 1-16 that takes the output projection from 13.5-13.8 to 11.4-11.8 µs and the down projection from
-32.1-33.0 to 30.3-30.7 µs; for the q/k/v and gate/up projections cuBLAS is about as fast, and at batch 64 it
-was faster for all four. A draft that also folded the RMSNorm or SwiGLU into the load of the input (not kept)
-was slower on the same sweep: each tile's extra arithmetic stalled the load pipeline.
+32.1-33.0 to 30.3-30.7 µs; for the q/k/v and gate/up projections cuBLAS is about as fast, and at batch 64 (a
+64-row-tile draft, not kept) it was faster for all four. A draft that also folded the RMSNorm or SwiGLU into the
+load of the input (not kept) was slower: each tile's extra arithmetic stalled the load pipeline.
 """
 
 from __future__ import annotations
