@@ -10,9 +10,10 @@ graph. This step computes the same function as the model's forward with the comp
     h, x = rms_norm(h, w_post, residual=a @ W_o)
     d = silu_mul(x @ W_gate_up) @ W_down         # one GEMM for gate and up
 
-so about ten launches per layer instead of fifty; at a few sequences the output and down projections run as
-`vlcache.kernels.linear.decode_linear` (`ProjectionPlan`), without cuBLAS's split-K reduction launches. The
-q/k/v and gate/up weights are concatenated once
+so about ten launches per layer instead of fifty. The output and down projections go through
+`vlcache.kernels.linear.decode_linear`: a Triton kernel without cuBLAS's split-K reduction launch up to 16
+sequences with 16-bit weights (the two that cuBLAS reads furthest below the copy bandwidth there,
+results/bench/linear_sweep_h200.json), `F.linear` otherwise. The q/k/v and gate/up weights are concatenated once
 (`fuse_projections`); the model's own `Linear` weights become views of the fused tensors, so no memory is
 added and the model's forward still works. Cosine and sine come from the model's own rotary module (every
 RoPE scaling type it implements). Rounding follows transformers' operations, so tokens match the module path
@@ -31,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from vlcache.cache import CompressedCache
-from vlcache.kernels import linear
 from vlcache.kernels.decode_attention import decode_attention
 from vlcache.kernels.fused_ops import rms_norm, rope_append, silu_mul
+from vlcache.kernels.linear import decode_linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -128,15 +129,6 @@ def fuse_projections(model) -> list[_Layer]:
     return layers
 
 
-@dataclass
-class ProjectionPlan:
-    """Which projections (`qkv`, `o`, `gate_up`, `down`) run as `vlcache.kernels.linear.decode_linear`
-    (up to its `MAX_ROWS` sequences, 16-bit weights) instead of cuBLAS: the two that cuBLAS reads furthest below
-    the copy bandwidth at a few rows (experiments/linear_sweep.py, results/bench/linear_sweep_h200.json)."""
-
-    triton: tuple[str, ...] = ("o", "down")
-
-
 class FusedDecoder:
     """`decoder(tokens [B], position_ids, cache, seen) -> logits [B, vocab]`: one decode step over a reserved
     `CompressedCache` (`CompressedLayer.reserve`), in place, with no host synchronisation (CUDA-graph safe).
@@ -147,7 +139,7 @@ class FusedDecoder:
     [B, Hq, 1, D])` is called after each layer's attention, as the module path's attention function calls it.
     """
 
-    def __init__(self, model, plan: ProjectionPlan | None = None) -> None:
+    def __init__(self, model) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
@@ -157,13 +149,6 @@ class FusedDecoder:
         self.layers = fuse_projections(model)
         norm = self.text.norm
         self.w_norm, self.eps_norm = norm.weight, norm.variance_epsilon
-        self.plan = plan or ProjectionPlan()
-
-    def _linear(self, name: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """One projection: the Triton form where the plan names it (and it runs on these tensors), else cuBLAS."""
-        if name in self.plan.triton:
-            return linear.decode_linear(x, w, bias)  # F.linear itself where the Triton form does not apply
-        return F.linear(x, w, bias)
 
     def __call__(
         self,
@@ -181,7 +166,7 @@ class FusedDecoder:
         for i, (w, layer) in enumerate(zip(self.layers, cache.layers)):
             h, x = rms_norm(h, w.w_in, w.eps_in, residual=delta)
             q = rope_append(
-                self._linear("qkv", x, w.w_qkv, w.b_qkv), cos, sin, layer.keys, layer.values, layer.length,
+                F.linear(x, w.w_qkv, w.b_qkv), cos, sin, layer.keys, layer.values, layer.length,
                 layer.positions, seen, self.num_heads, bounds=layer.bounds,
             )
             a = decode_attention(
@@ -189,7 +174,7 @@ class FusedDecoder:
             )
             if on_decode is not None:
                 on_decode(i, q)
-            h, x = rms_norm(h, w.w_post, w.eps_post, residual=self._linear("o", a.view(b, -1), w.w_o, w.b_o))
-            delta = self._linear("down", silu_mul(self._linear("gate_up", x, w.w_gu, w.b_gu)), w.w_down, w.b_down)
+            h, x = rms_norm(h, w.w_post, w.eps_post, residual=decode_linear(a.view(b, -1), w.w_o, w.b_o))
+            delta = decode_linear(silu_mul(F.linear(x, w.w_gu, w.b_gu)), w.w_down, w.b_down)
         _, x = rms_norm(h, self.w_norm, self.eps_norm, residual=delta)
         return self.head(x)

@@ -208,23 +208,21 @@ def rope_append_torch(qkv, cos, sin, keys, values, length, positions, seen, hq):
 
 def rope_append_ragged_torch(qkv, cos, sin, keys, values, length, positions, seen, hq, bounds):
     """`rope_append_torch` on ragged storage (`keys` `[1, Hkv, T, D]`, row starts `bounds`): the same rotation,
-    then each token slot takes the new entry where it is its row's next free one. A select over the whole
-    buffer rather than a scatter, so rows of capacity 0 (whose start is the next row's) collide with nothing."""
-    _, hkv, total, D = keys.shape
+    then the new entry written at slot `bounds[b] + length[b, h]` of each row with room (a full row, or one of
+    capacity 0 whose start is the next row's, is left out, so no two writes meet)."""
+    _, hkv, _, D = keys.shape
     B = bounds.shape[0] - 1
     heads = qkv.view(B, hq + 2 * hkv, D)
     c, s = cos[:, None], sin[:, None]
     q = _rotate(heads[:, :hq], c, s)
     k = _rotate(heads[:, hq : hq + hkv], c, s)
     v = heads[:, hq + hkv :]
-    room = length < (bounds[1:] - bounds[:-1])[:, None]  # [B, Hkv]: a full row keeps its entries as they are
-    t = torch.arange(total, device=keys.device)
-    row = torch.searchsorted(bounds[1:], t, right=True)  # [T] the sequence owning slot t
-    # [Hkv, T] the slot at index `length` of its row (a full row has none: its span ends before it)
-    hit = (t - bounds[row])[None] == length[row].T
-    keys[0].copy_(torch.where(hit[..., None], k[row].transpose(0, 1), keys[0]))
-    values[0].copy_(torch.where(hit[..., None], v[row].transpose(0, 1), values[0]))
-    positions[0].copy_(torch.where(hit, seen - 1, positions[0]))
+    room = length < (bounds[1:] - bounds[:-1])[:, None]  # [B, Hkv]
+    b, h = room.nonzero(as_tuple=True)
+    slot = bounds[b] + length[b, h]
+    keys[0, h, slot] = k[b, h]
+    values[0, h, slot] = v[b, h]
+    positions[0, h, slot] = seen - 1
     length.add_(room.to(length.dtype))
     return q[:, :, None]
 
