@@ -179,3 +179,65 @@ def test_ragged_bad_bounds():
         decode_attention(
             q, k.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), length, backend="torch", bounds=torch.tensor([0, 4, 8])
         )
+
+
+# -- rope_append_attention: rope_append's work and the attention over its result in one launch ---------------------
+def _unpack(t, bounds, caps):
+    """Packed `[1, Hkv, T, ...]` rows back to padded `[B, Hkv, max cap, ...]` (zeros past each capacity)."""
+    out = t.new_zeros(len(caps), t.shape[1], max(caps), *t.shape[3:])
+    for b, c in enumerate(caps):
+        out[b, :, :c] = t[0, :, int(bounds[b]) : int(bounds[b]) + c]
+    return out
+
+
+APPEND_CASES = [  # (caps per sequence, lengths [B, Hkv]): empty rows, full rows (no room: nothing appended), odd;
+    # the first has one capacity, so it is also the padded case
+    ([37, 37, 37], [[0, 36], [37, 5], [20, 1]]),
+    ([37, 5, 203], [[37, 0], [3, 5], [0, 117]]),
+    ([64, 0, 129], [[1, 64], [0, 0], [128, 77]]),
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "splits"), [("torch", None)] + [("triton", s) for s in (None, 1, 3) if "triton" in BACKENDS]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("group", "d"), [(1, 40), (4, 10)])
+@pytest.mark.parametrize(
+    ("ragged", "caps", "lengths"), [(False, *APPEND_CASES[0])] + [(True, *c) for c in APPEND_CASES]
+)
+def test_rope_append_attention(backend, splits, dtype, group, d, ragged, caps, lengths):
+    """Equals `rope_append` (the same backend) then the float64 attention over the cache it wrote: the rotated
+    queries, keys, values, positions and lengths bit for bit, the output within the dtype's tolerance."""
+    from vlcache.kernels.decode_attention import rope_append_attention
+    from vlcache.kernels.fused_ops import rope_append
+
+    hkv, hq, b = 2, 2 * group, len(caps)
+    lengths = torch.tensor(lengths)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=g) * 2).to(dtype).to(DEVICE)
+    angle = torch.randn(b, d // 2, generator=g) * 3
+    cos, sin = (f(torch.cat([angle, angle], -1)).to(dtype).to(DEVICE) for f in (torch.cos, torch.sin))
+    seen = torch.tensor(301, device=DEVICE)
+    if ragged:
+        _, _, (k, v), bounds, length = _ragged_inputs(caps, lengths.clone(), hkv, group, d, dtype, backend)
+        positions = torch.full(k.shape[:3], -1, dtype=torch.long, device=DEVICE)
+        kw = dict(bounds=bounds)
+    else:
+        _, k, v, length = _inputs(b, hkv, group, caps[0], d, dtype, lengths.clone(), backend=backend)
+        positions = torch.full(k.shape[:3], -1, dtype=torch.long, device=DEVICE)
+        bounds, kw = None, {}
+    bufs = [t.clone() for t in (k, v, length, positions)]
+    q_ref = rope_append(qkv, cos, sin, *bufs[:2], *bufs[2:], seen, hq, backend=backend, **kw)
+    q, out = rope_append_attention(
+        qkv, cos, sin, k, v, length, positions, seen, hq, backend=backend, splits=splits, max_cap=max(caps), **kw
+    )
+    assert torch.equal(q, q_ref) and torch.equal(length, bufs[2]) and torch.equal(positions, bufs[3])
+    for got, want in zip((k, v), bufs[:2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # junk past the lengths stays junk
+    new_len = torch.minimum(lengths + 1, torch.tensor(caps)[:, None])
+    assert torch.equal(length.cpu(), new_len)
+    k_ref, v_ref = (k, v) if bounds is None else (_unpack(k, bounds, caps), _unpack(v, bounds, caps))
+    ref = reference(q, k_ref, v_ref, new_len, d**-0.5)
+    assert out.shape == (b, hq, 1, d) and torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]

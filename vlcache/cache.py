@@ -95,7 +95,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.bounds is not None:
             raise RuntimeError(
                 f"CompressedLayer.{what}: the layer has the ragged layout (reserve_ragged); only the fused decode "
-                "step (rope_append / decode_attention with bounds) reads and appends to it"
+                "step (rope_append_attention / decode_attention with bounds) reads and appends to it"
             )
 
     def valid_mask(self) -> torch.Tensor:
@@ -131,8 +131,8 @@ class CompressedLayer(CacheLayerMixin):
         `keys`/`values` become `[1, H, T, D]` and `positions` `[1, H, T]` (contiguous, `T = sum_b cap_b`): row
         `(b, h)` occupies token slots `[bounds[b], bounds[b + 1])` of head `h`, its valid entries first (in
         their order), then spare slots (zero, position -1). `length` stays `[B, H]`. As after `reserve`, appends
-        (the fused step's `rope_append`) write in place with no host reads; `update`, `keep`, `valid_mask` and
-        the other `[B, H, capacity]` operations raise from then on.
+        (the fused step's `rope_append_attention`) write in place with no host reads; `update`, `keep`,
+        `valid_mask` and the other `[B, H, capacity]` operations raise from then on.
         """
         self._padded_only("reserve_ragged")
         if self.capacity == 0:  # nothing kept anywhere: one spare slot to gather from (masked out below)

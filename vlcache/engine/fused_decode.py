@@ -4,13 +4,13 @@ transformers' decoder layer costs about fifty launches per token (vlcache/kernel
 go); at batch 1 a 7B model's step then takes about twice its bandwidth floor even when captured in a CUDA
 graph. This step computes the same function as the model's forward with the compressed cache, per layer:
 
-    h, x = rms_norm(h, w_in, residual=d)        # the previous layer's MLP output added in the same launch
-    q = rope_append(x @ W_qkv, cos, sin, cache)  # one GEMM for q, k and v; RoPE and the append in one launch
-    a = decode_attention(q, cache)               # the ragged Triton kernel
+    h, x = rms_norm(h, w_in, residual=d)           # the previous layer's MLP output added in the same launch
+    q, a = rope_append_attention(x @ W_qkv, cache)  # one GEMM for q, k and v; RoPE, the append and the ragged
+                                                    # attention in one launch (two with key-axis splits)
     h, x = rms_norm(h, w_post, residual=a @ W_o)
-    d = silu_mul(x @ W_gate_up) @ W_down         # one GEMM for gate and up
+    d = silu_mul(x @ W_gate_up) @ W_down            # one GEMM for gate and up
 
-so about ten launches per layer instead of fifty. The output and down projections go through
+so seven or eight launches per layer instead of fifty. The output and down projections go through
 `vlcache.kernels.linear.decode_linear`: a Triton kernel without cuBLAS's split-K reduction launch up to 16
 sequences with 16-bit weights (the two that cuBLAS reads furthest below the copy bandwidth there,
 results/bench/linear_sweep_h200.json), `F.linear` otherwise. The q/k/v and gate/up weights are concatenated once
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from vlcache.cache import CompressedCache
-from vlcache.kernels.decode_attention import decode_attention
-from vlcache.kernels.fused_ops import rms_norm, rope_append, silu_mul
+from vlcache.kernels.decode_attention import rope_append_attention
+from vlcache.kernels.fused_ops import rms_norm, silu_mul
 from vlcache.kernels.linear import decode_linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -165,13 +165,10 @@ class FusedDecoder:
         delta = None  # the previous sub-layer's output, added to h by the next norm's launch
         for i, (w, layer) in enumerate(zip(self.layers, cache.layers)):
             h, x = rms_norm(h, w.w_in, w.eps_in, residual=delta)
-            q = rope_append(
+            q, a = rope_append_attention(
                 F.linear(x, w.w_qkv, w.b_qkv), cos, sin, layer.keys, layer.values, layer.length,
-                layer.positions, seen, self.num_heads, bounds=layer.bounds,
-            )
-            a = decode_attention(
-                q, layer.keys, layer.values, layer.length, w.scale, bounds=layer.bounds, max_cap=layer.capacity
-            )
+                layer.positions, seen, self.num_heads, w.scale, bounds=layer.bounds, max_cap=layer.capacity,
+            )  # fmt: skip
             if on_decode is not None:
                 on_decode(i, q)
             h, x = rms_norm(h, w.w_post, w.eps_post, residual=decode_linear(a.view(b, -1), w.w_o, w.b_o))

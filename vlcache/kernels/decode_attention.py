@@ -35,9 +35,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .fused_ops import check_append, rope_append
 from .launch import interpreting, sm_count
 
-__all__ = ["DecodeConfig", "decode_attention", "decode_attention_torch", "num_splits"]
+__all__ = ["DecodeConfig", "decode_attention", "decode_attention_torch", "num_splits", "rope_append_attention"]
 
 _LOG2E = 1.4426950408889634
 
@@ -63,8 +64,28 @@ DEFAULT_CONFIG = DecodeConfig()
 
 
 @triton.jit
+def _rope_tile(row_ptr, heads, ok, cos_ptr, sin_ptr, d, D, ROTATE: tl.constexpr):
+    """Heads `heads` (`[R]`) of one token's fused q/k/v projection row as an `[R, BLOCK_D]` tile; `ROTATE`: with
+    RoPE (Su et al. 2021, eq. 34, rotate-half form), each product and the sum rounded to the row's dtype as
+    transformers' `q * cos + rotate_half(q) * sin` rounds them (fused_ops._rope_append_kernel)."""
+    x = tl.load(row_ptr + heads[:, None] * D + d[None, :], mask=ok, other=0.0)
+    if ROTATE:
+        ty = x.dtype
+        half = D // 2
+        d_ok = d < D
+        lower = d < half
+        xp = tl.load(row_ptr + heads[:, None] * D + tl.where(lower, d + half, d - half)[None, :], mask=ok, other=0.0)
+        xp = tl.where(lower[None, :], -xp.to(tl.float32), xp.to(tl.float32))  # rotate_half
+        c = tl.load(cos_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        x = ((x.to(tl.float32) * c[None, :]).to(ty).to(tl.float32) + (xp * s[None, :]).to(ty).to(tl.float32)).to(ty)
+    return x
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, bounds_ptr, o_ptr, lse_ptr,
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, seen_ptr,
     Hkv, G, cap, D, NSPLIT, qk_scale,
     s_qb, s_qh, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -72,7 +93,8 @@ def _split_kernel(
     s_lb, s_lh,
     s_ob, s_oh, s_os, s_od,
     s_eb, s_eh,
-    FINAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RAGGED: tl.constexpr,
+    s_qkv, s_cs, s_ss, s_pb, s_ph, s_pn,
+    FINAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RAGGED: tl.constexpr, APPEND: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -80,16 +102,21 @@ def _split_kernel(
     b = (pid_bh // Hkv).to(tl.int64)  # int64: batch offsets of large caches overflow int32
     h = (pid_bh % Hkv).to(tl.int64)
 
-    n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int32)
+    n_raw = tl.load(len_ptr + b * s_lb + h * s_lh)
+    n = n_raw.to(tl.int32)
     if RAGGED:  # sequence b's rows start at token slot bounds[b] of every head, with their own capacity
         row0 = tl.load(bounds_ptr + b)
-        n = tl.minimum(tl.maximum(n, 0), (tl.load(bounds_ptr + b + 1) - row0).to(tl.int32))
+        row_cap = tl.load(bounds_ptr + b + 1) - row0
         k_base = k_ptr + h * s_kh + row0 * s_kn
         v_base = v_ptr + h * s_vh + row0 * s_vn
+        p_base = pos_ptr + h * s_ph + row0 * s_pn
+        n = tl.minimum(tl.maximum(n, 0), row_cap.to(tl.int32))
     else:
-        n = tl.minimum(tl.maximum(n, 0), cap)
+        row_cap = cap
         k_base = k_ptr + b * s_kb + h * s_kh
         v_base = v_ptr + b * s_vb + h * s_vh
+        p_base = pos_ptr + b * s_pb + h * s_ph
+        n = tl.minimum(tl.maximum(n, 0), cap)
     # this row's valid entries, cut into NSPLIT chunks of whole key blocks
     per = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N
     lo = pid_s * per
@@ -100,16 +127,39 @@ def _split_kernel(
     heads = h * G + gi
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = tl.load(
-        q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd,
-        mask=g_ok[:, None] & d_ok[None, :], other=0.0,
-    )
-    if UPCAST:  # interpreter: bf16 tl.dot is wrong there, fp32 is exact
-        q = q.to(tl.float32)
-
+    gd_ok = g_ok[:, None] & d_ok[None, :]
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if APPEND:  # rope_append's work, then the new entry enters split 0's softmax from registers
+        row = qkv_ptr + b * s_qkv
+        cs, ss = cos_ptr + b * s_cs, sin_ptr + b * s_ss
+        Hq = Hkv * G
+        q = _rope_tile(row, heads, gd_ok, cs, ss, d, D, True)
+        kn = _rope_tile(row, Hq + h + gi * 0, gd_ok, cs, ss, d, D, True)  # the new key on every row of the tile
+        vn = _rope_tile(row, Hq + Hkv + h + gi * 0, gd_ok, cs, ss, d, D, False)
+        # [BLOCK_G] blocks rather than scalars: the interpreter cannot AND a scalar condition into a block mask
+        zero = gi * 0
+        first = (zero + pid_s) == 0
+        tl.store(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd, q, mask=gd_ok & first[:, None])
+        # a full row drops the entry, as rope_append does (no write out of bounds or into the next row)
+        room = ((zero + n_raw) < row_cap) & first
+        slot = tl.maximum(tl.minimum(n_raw, row_cap - 1), 0)
+        one = (gi == 0) & room
+        tl.store(k_base + slot * s_kn + zero[:, None] + d[None, :] * s_kd, kn, mask=one[:, None] & d_ok[None, :])
+        tl.store(v_base + slot * s_vn + zero[:, None] + d[None, :] * s_vd, vn, mask=one[:, None] & d_ok[None, :])
+        tl.store(p_base + slot * s_pn + zero, tl.load(seen_ptr) - 1 + zero, mask=one)
+        if FINAL:  # the only program of this row; with splits the others read the length: _combine_kernel
+            tl.store(len_ptr + b * s_lb + h * s_lh + zero, n_raw + 1 + zero, mask=one)
+        s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale
+        m_i = tl.where(room, s_new, m_i)
+        l_i = tl.where(room, 1.0, l_i)
+        acc = tl.where(room[:, None], vn.to(tl.float32), acc)
+    else:
+        q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd, mask=gd_ok, other=0.0)
+    if UPCAST:  # interpreter: bf16 tl.dot is wrong there, fp32 is exact
+        q = q.to(tl.float32)
+
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         ok = cols < hi
@@ -149,16 +199,24 @@ def _split_kernel(
 
 @triton.jit
 def _combine_kernel(
-    o_ptr, lse_ptr, out_ptr,
-    Hq, NSPLIT, D,
+    o_ptr, lse_ptr, out_ptr, len_ptr, bounds_ptr,
+    Hq, G, cap, NSPLIT, D,
     s_ob, s_oh, s_os,
     s_eb, s_eh,
     s_xb, s_xh, s_xd,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    s_lb, s_lh,
+    APPEND: tl.constexpr, RAGGED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // Hq).to(tl.int64)
     h = (pid % Hq).to(tl.int64)
+    if APPEND:  # the split programs have all read the old length: the first query head of each group advances it
+        if RAGGED:
+            row_cap = tl.load(bounds_ptr + b + 1) - tl.load(bounds_ptr + b)
+        else:
+            row_cap = cap
+        n = tl.load(len_ptr + b * s_lb + (h // G) * s_lh)
+        tl.store(len_ptr + b * s_lb + (h // G) * s_lh, n + 1, mask=(h % G == 0) & (n < row_cap))
     sp = tl.arange(0, BLOCK_S)
     s_ok = sp < NSPLIT
     d = tl.arange(0, BLOCK_D)
@@ -218,8 +276,10 @@ def num_splits(
 
 
 def _decode_attention_triton(
-    q, k, v, length, scale, splits=None, config: DecodeConfig = DEFAULT_CONFIG, bounds=None, max_cap=None
+    q, k, v, length, scale, splits=None, config: DecodeConfig = DEFAULT_CONFIG, bounds=None, max_cap=None, append=None
 ):
+    """The Triton path. `append` (`(qkv, cos, sin, positions, seen)`): `q` is the output for the rotated
+    queries, and the kernel first does `rope_append`'s work (`rope_append_attention`)."""
     B, Hq, Hkv, cap, D = _check(q, k, v, length, bounds, max_cap)
     G = Hq // Hkv
     dev = q.device
@@ -227,7 +287,9 @@ def _decode_attention_triton(
     if interp and not interpreting():
         raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=dev)
-    if B == 0 or cap == 0:
+    if B == 0:
+        return out
+    if cap == 0 and append is None:
         return out.zero_()
     nsplit = splits or num_splits(B, Hkv, cap, dev, config)
     block_g = max(16, triton.next_power_of_2(G))
@@ -242,25 +304,39 @@ def _decode_attention_triton(
         lse = torch.empty(B, Hq, nsplit, dtype=torch.float32, device=dev)
         s_o = o.stride()
         s_e = lse.stride()[:2]
+    if append is None:
+        qkv, cos, sin, positions, seen = q, q, q, length, length  # never read
+        s_app = (0,) * 6
+    else:
+        qkv, cos, sin, positions, seen = append
+        s_app = (qkv.stride(0), cos.stride(0), sin.stride(0), *positions.stride())
+    ragged = bounds is not None
     _split_kernel[(B * Hkv, nsplit)](
-        q, k, v, length, length if bounds is None else bounds, o, lse,
+        q, k, v, length, bounds if ragged else length, o, lse,
+        qkv, cos, sin, positions, seen,
         Hkv, G, cap, D, nsplit, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(3),
         *k.stride(), *v.stride(),
         length.stride(0), length.stride(1),
-        *s_o, *s_e,
-        FINAL=final, UPCAST=interp, IEEE=interp or q.dtype == torch.float32, RAGGED=bounds is not None,
-        BLOCK_G=block_g, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        *s_o, *s_e, *s_app,
+        FINAL=final, UPCAST=interp, IEEE=interp or q.dtype == torch.float32, RAGGED=ragged,
+        APPEND=append is not None, BLOCK_G=block_g, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+        # RoPE: no fused multiply-add, each product rounded as transformers' tensor ops round it (with fusion on,
+        # bf16 queries came out one unit in the last place off rope_append's on an H200)
+        enable_fp_fusion=append is None,
+    )  # fmt: skip
     if not final:
         _combine_kernel[(B * Hq,)](
-            o, lse, out, Hq, nsplit, D,
+            o, lse, out, length, bounds if ragged else length,
+            Hq, G, cap, nsplit, D,
             o.stride(0), o.stride(1), o.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), out.stride(3),
+            length.stride(0), length.stride(1),
+            APPEND=append is not None, RAGGED=ragged,
             BLOCK_S=max(2, triton.next_power_of_2(nsplit)), BLOCK_D=block_d, num_warps=4,
-        )
+        )  # fmt: skip
     return out
 
 
@@ -325,3 +401,47 @@ def decode_attention(
     if backend == "torch":
         return decode_attention_torch(q, k, v, length, scale, bounds, max_cap)
     raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
+
+
+def rope_append_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    length: torch.Tensor,
+    positions: torch.Tensor,
+    seen: torch.Tensor,
+    num_heads: int,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+    splits: int | None = None,
+    config: DecodeConfig | None = None,
+    bounds: torch.Tensor | None = None,
+    max_cap: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_append` (vlcache/kernels/fused_ops.py) then `decode_attention` over the cache it appended to, in
+    one launch (two with key-axis splits, the second merging them): each program rotates its group's queries and
+    its KV head's new key from `qkv`, split 0 of each row writes the new entry (key, value, position) where the
+    row has room and takes it into its softmax from registers, and the row's length is advanced after every
+    split has read it (by the program itself with one split, else by the merging launch). Same arguments as the
+    two functions.
+
+    Returns `(q, out)`: the rotated queries and the attention output, both `[B, Hq, 1, D]`.
+    """
+    check_append(qkv, cos, sin, keys, values, num_heads, bounds)
+    scale = keys.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend is None:
+        backend = "triton" if (qkv.is_cuda or interpreting()) else "torch"
+    if backend == "torch":
+        q = rope_append(qkv, cos, sin, keys, values, length, positions, seen, num_heads, backend="torch", bounds=bounds)
+        return q, decode_attention_torch(q, keys, values, length, scale, bounds, max_cap)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
+    q = torch.empty(qkv.shape[0], num_heads, 1, keys.shape[-1], dtype=qkv.dtype, device=qkv.device)
+    out = _decode_attention_triton(
+        q, keys, values, length, scale, splits, config or DEFAULT_CONFIG, bounds, max_cap,
+        append=(qkv, cos, sin, positions, seen),
+    )  # fmt: skip
+    return q, out

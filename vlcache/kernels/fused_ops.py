@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["rms_norm", "rope_append", "silu_mul"]
+__all__ = ["check_append", "rms_norm", "rope_append", "silu_mul"]
 
 
 def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
@@ -227,6 +227,32 @@ def rope_append_ragged_torch(qkv, cos, sin, keys, values, length, positions, see
     return q[:, :, None]
 
 
+def check_append(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    num_heads: int,
+    bounds: torch.Tensor | None = None,
+) -> None:
+    """Validates `rope_append`'s shapes (also those of `rope_append_attention`, which appends as it does)."""
+    _, hkv, _, D = keys.shape
+    B = qkv.shape[0]
+    if (keys.shape[0] != (B if bounds is None else 1)) or (bounds is not None and bounds.shape != (B + 1,)):
+        raise ValueError(
+            f"rope_append: keys {tuple(keys.shape)} and bounds {None if bounds is None else tuple(bounds.shape)} "
+            f"do not match a batch of {B} (padded: keys [B, Hkv, cap, D]; ragged: [1, Hkv, T, D], bounds [B + 1])"
+        )
+    if qkv.shape != (B, (num_heads + 2 * hkv) * D) or D % 2 or cos.shape != (B, D) or sin.shape != (B, D):
+        raise ValueError(
+            f"rope_append: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, keys {tuple(keys.shape)} do not match "
+            f"{num_heads} query heads"
+        )
+    if keys.stride(-1) != 1 or values.stride(-1) != 1 or qkv.stride(-1) != 1:
+        raise ValueError("rope_append needs a unit stride along the head dimension")
+
+
 def rope_append(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -253,20 +279,9 @@ def rope_append(
 
     Returns the rotated queries `[B, Hq, 1, D]`.
     """
+    check_append(qkv, cos, sin, keys, values, num_heads, bounds)
     _, hkv, cap, D = keys.shape
     B = qkv.shape[0]
-    if (keys.shape[0] != (B if bounds is None else 1)) or (bounds is not None and bounds.shape != (B + 1,)):
-        raise ValueError(
-            f"rope_append: keys {tuple(keys.shape)} and bounds {None if bounds is None else tuple(bounds.shape)} "
-            f"do not match a batch of {B} (padded: keys [B, Hkv, cap, D]; ragged: [1, Hkv, T, D], bounds [B + 1])"
-        )
-    if qkv.shape != (B, (num_heads + 2 * hkv) * D) or D % 2 or cos.shape != (B, D) or sin.shape != (B, D):
-        raise ValueError(
-            f"rope_append: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, keys {tuple(keys.shape)} do not match "
-            f"{num_heads} query heads"
-        )
-    if keys.stride(-1) != 1 or values.stride(-1) != 1 or qkv.stride(-1) != 1:
-        raise ValueError("rope_append needs a unit stride along the head dimension")
     if not _use_triton(qkv, backend):
         if bounds is not None:
             return rope_append_ragged_torch(qkv, cos, sin, keys, values, length, positions, seen, num_heads, bounds)
