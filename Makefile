@@ -22,7 +22,7 @@ sweep: $(STAMP)
 
 # Triton kernels run on the CPU through the interpreter (slowly): only their own tests ask for it; every
 # other test reaches the scoring core's PyTorch form. HF_HUB_OFFLINE: no test may touch the network.
-KERNEL_TESTS := tests/test_scores.py tests/test_decode_attention.py tests/test_fused_ops.py tests/test_rule_ops.py tests/test_linear.py
+KERNEL_TESTS := tests/test_scores.py tests/test_decode_attention.py tests/test_fused_ops.py tests/test_rule_ops.py tests/test_linear.py tests/test_fused_prefill.py
 
 test: $(STAMP)
 	$(PY) -m ruff check .

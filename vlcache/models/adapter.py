@@ -13,6 +13,8 @@ overrides only what differs: its model class, how image tokens and the post-visi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from PIL import Image
 
@@ -30,10 +32,17 @@ class VLMAdapter:
     """A llava-hf-style `...ForConditionalGeneration` (vision tower + projector + decoder-only language model).
 
     `device`: where inputs go; None means the input embedding's device (a model split with `device_map`, whose
-    layers, and so their cache layers, live on several devices)."""
+    layers, and so their cache layers, live on several devices).
+
+    `fused_prefill`: whether `prefill` runs the language model through the fused prefill
+    (vlcache/engine/fused_prefill.py: the same function with transformers' elementwise passes fused). None (the
+    default): on CUDA with autograd off, where the model supports it (`prefill_unsupported_reason`); True:
+    wherever supported, the CPU included (PyTorch forms there; tests), and an error where not; False: never, the
+    model's own forward. Set it on an instance or a subclass to switch it off (or on)."""
 
     family = ""
     model_class = ""  # the transformers class that loads this family (`load.py`)
+    fused_prefill: bool | None = None
 
     def __init__(self, model, processor, device: str | torch.device | None = None) -> None:
         self.model, self.processor = model, processor
@@ -119,15 +128,34 @@ class VLMAdapter:
         position `[B]` of each sequence."""
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         position_ids, next_positions = self.positions(inputs, info)
-        out = self.model(
-            input_ids=inputs["input_ids"],
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
+        with self._prefill_forward():
+            out = self.model(
+                input_ids=inputs["input_ids"],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
         return out.logits[:, -1].to(self.device), next_positions.to(self.device)
+
+    def _prefill_forward(self) -> contextlib.AbstractContextManager:
+        """The context `prefill` runs the model in: the fused prefill where `fused_prefill` asks for it (see the
+        class docstring), else nothing."""
+        if self.fused_prefill is False:
+            return contextlib.nullcontext()
+        if self.fused_prefill is None and not self.model.get_input_embeddings().weight.is_cuda:
+            return contextlib.nullcontext()  # the CPU (the embedded default): the model's own forward, unchanged
+        if self.fused_prefill is None and torch.is_grad_enabled():
+            return contextlib.nullcontext()  # its kernels have no backward: a prefill recording gradients keeps it
+        from vlcache.engine.fused_prefill import fused_prefill, prefill_unsupported_reason  # imports triton
+
+        reason = prefill_unsupported_reason(self.model)
+        if reason is None:
+            return fused_prefill(self.model)
+        if self.fused_prefill:
+            raise ValueError(f"fused_prefill=True, but the fused prefill cannot run this model: {reason}")
+        return contextlib.nullcontext()
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One step for `[B]` tokens at `[B]` positions; returns `[B, vocab]` logits."""
