@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fused_ops import check_append, rope_append
+from .fused_ops import check_append, rope_append, rope_rounded
 from .launch import interpreting, sm_count
 
 __all__ = ["DecodeConfig", "decode_attention", "decode_attention_torch", "num_splits", "rope_append_attention"]
@@ -72,8 +72,7 @@ DEFAULT_CONFIG = DecodeConfig()
 @triton.jit
 def _rope_tile(row_ptr, heads, ok, cos_ptr, sin_ptr, d, D, ROTATE: tl.constexpr):
     """Heads `heads` (`[R]`) of one token's fused q/k/v projection row as an `[R, BLOCK_D]` tile; `ROTATE`: with
-    RoPE (Su et al. 2021, eq. 34, rotate-half form), each product and the sum rounded to the row's dtype as
-    transformers' `q * cos + rotate_half(q) * sin` rounds them (fused_ops._rope_append_kernel)."""
+    RoPE, rounded as transformers rounds it (`fused_ops.rope_rounded`)."""
     x = tl.load(row_ptr + heads[:, None] * D + d[None, :], mask=ok, other=0.0)
     if ROTATE:
         ty = x.dtype
@@ -84,7 +83,7 @@ def _rope_tile(row_ptr, heads, ok, cos_ptr, sin_ptr, d, D, ROTATE: tl.constexpr)
         xp = tl.where(lower[None, :], -xp.to(tl.float32), xp.to(tl.float32))  # rotate_half
         c = tl.load(cos_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-        x = ((x.to(tl.float32) * c[None, :]).to(ty).to(tl.float32) + (xp * s[None, :]).to(ty).to(tl.float32)).to(ty)
+        x = rope_rounded(x.to(tl.float32), xp, c[None, :], s[None, :], ty)
     return x
 
 

@@ -22,19 +22,19 @@ Each has a PyTorch fallback with transformers' exact operations (CPU tensors, un
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .launch import interpreting
 
 __all__ = ["check_append", "rms_norm", "rope_append", "silu_mul"]
 
 
 def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
     if backend is None:
-        return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        return x.is_cuda or interpreting()
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
     return backend == "triton"
@@ -124,6 +124,15 @@ def silu_mul(gu: torch.Tensor, *, backend=None) -> torch.Tensor:
 
 # -- RoPE on the query and key heads, and the cache append -----------------------------------------------------
 @triton.jit
+def rope_rounded(x, x_rot, c, s, ty: tl.constexpr):
+    """``x * cos + rotate_half(x) * sin`` (Su et al. 2021, eq. 34) from float32 operands, each product and the sum
+    rounded to `ty` as transformers' tensor ops round them (launch with ``enable_fp_fusion=False``: no fused
+    multiply-add). `x_rot` is ``rotate_half(x)``; shared by the decode append, the fused decode attention
+    (decode_attention.py) and the prefill's split (prefill_ops.py)."""
+    return ((x * c).to(ty).to(tl.float32) + (x_rot * s).to(ty).to(tl.float32)).to(ty)
+
+
+@triton.jit
 def _rope_append_kernel(
     qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, len_ptr, pos_ptr, seen_ptr, bounds_ptr,
     Hq, cap, s_qkv, s_cs, s_ss,
@@ -146,9 +155,7 @@ def _rope_append_kernel(
     s1 = tl.load(sin_ptr + b * s_ss + d, mask=ok, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + b * s_ss + HALF + d, mask=ok, other=0.0).to(tl.float32)
     ty = q_ptr.dtype.element_ty
-    # q * cos + rotate_half(q) * sin, each product and the sum rounded as transformers' tensor ops round them
-    o1 = ((x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32)).to(ty)
-    o2 = ((x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)).to(ty)
+    o1, o2 = rope_rounded(x1, -x2, c1, s1, ty), rope_rounded(x2, x1, c2, s2, ty)
     if j < Hq:
         dst = q_ptr + b * s_qb + j * s_qh
         tl.store(dst + d, o1, mask=ok)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlcache.kernels.fused_ops import _rotate, _use_triton
+from vlcache.kernels.fused_ops import _rotate, _use_triton, rope_rounded
 from vlcache.kernels.launch import on_device
 
 __all__ = ["rope_split", "rope_split_torch"]
@@ -54,9 +54,7 @@ def _rope_split_kernel(
         s1 = tl.load(sin_ptr + tok * s_ss + d[None, :], mask=m, other=0.0).to(tl.float32)
         s2 = tl.load(sin_ptr + tok * s_ss + HALF + d[None, :], mask=m, other=0.0).to(tl.float32)
         ty = x1.dtype
-        # q * cos + rotate_half(q) * sin, each product and the sum rounded as transformers' tensor ops round them
-        o1 = ((f1 * c1).to(ty).to(tl.float32) + (-f2 * s1).to(ty).to(tl.float32)).to(ty)
-        o2 = ((f2 * c2).to(ty).to(tl.float32) + (f1 * s2).to(ty).to(tl.float32)).to(ty)
+        o1, o2 = rope_rounded(f1, -f2, c1, s1, ty), rope_rounded(f2, f1, c2, s2, ty)
     else:
         o1, o2 = x1, x2
     if j < Hq:

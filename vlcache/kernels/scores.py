@@ -35,22 +35,18 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import interpreting
 from .scores_ref import AttentionScores, attention_scores_torch, check_inputs
 
 __all__ = ["AttentionScores", "attention_scores"]
 
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -439,7 +435,7 @@ def _attention_scores_triton(
     col = torch.empty(B, Hkv, Nk, dtype=torch.float32, device=dev)
 
     interp = dev.type != "cuda"
-    if interp and not _interpreting():
+    if interp and not interpreting():
         raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     cfg = config or _pick_config(B, Hkv, G, Nq, Nk, D, dev)
     # Used as is (no clamp, no copy: each extra launch costs more than these kernels' work at
@@ -552,7 +548,7 @@ def attention_scores(
         ``AttentionScores(col [B, Hkv, Nk] float32, below, visible [B, Hq] int64 or None)``.
     """
     if backend is None:
-        backend = "triton" if (q.is_cuda or _interpreting()) else "torch"
+        backend = "triton" if (q.is_cuda or interpreting()) else "torch"
     if backend == "triton":
         return _attention_scores_triton(q, k, q_pos, scale=scale, key_valid=key_valid, threshold=threshold)
     if backend == "torch":
