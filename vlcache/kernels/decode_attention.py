@@ -16,6 +16,17 @@ Two launches:
    the split kernel instead, by the row's last split to finish after a per-row counter, was slower on an H200:
    35 against 28 µs per layer at batch 4, 32K prompt, budget 0.1; not kept.)
 
+   Also tried and not kept, a *balanced* split: all rows' valid entries laid end to end (in whole key tiles of each
+   row) and shared equally among ``waves × SMs`` programs, each attending whatever row pieces its share crosses
+   and writing one partial per piece (slot ``program + row``), merged per row by a combine that finds its row's
+   programs from the rows' running ends. It removes the idle splits and the uneven programs per SM of the grid
+   above, but on an H200 (decode_kernel_sweep's layers, same run as this kernel) it was slower everywhere:
+   at batch 4, 32K prompt, budget 0.1 the split launch 17.8 → 22.6 µs and the combine 2.8 → 6.2 µs per layer
+   (torch profiler), 21.8 → 25.1 µs for both at its best configuration; with the full cache 139 → 162 µs
+   (batch 4, 32K) and 140 → 173 µs (batch 1, 128K), where each program's share (about 2,000 keys of one row)
+   matches this grid's chunks. The key loop was software-pipelined in both (same async copies in the TTGIR);
+   the cause of the slower stream was not found.
+
 ``rope_append_attention`` (the fused decode step's) first does ``rope_append``'s work in the split kernel: RoPE on
 the group's queries and the new key from the fused q/k/v projection, the new entry written by split 0, which also
 takes it into its softmax from registers; the length advances once every split has read it.
