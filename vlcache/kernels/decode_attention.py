@@ -24,8 +24,11 @@ Two launches:
    at batch 4, 32K prompt, budget 0.1 the split launch 17.8 → 22.6 µs and the combine 2.8 → 6.2 µs per layer
    (torch profiler), 21.8 → 25.1 µs for both at its best configuration; with the full cache 139 → 162 µs
    (batch 4, 32K) and 140 → 173 µs (batch 1, 128K), where each program's share (about 2,000 keys of one row)
-   matches this grid's chunks. The key loop was software-pipelined in both (same async copies in the TTGIR);
-   the cause of the slower stream was not found.
+   matches this grid's chunks. The key loop was software-pipelined in both (same async copies in the TTGIR), and
+   launching in this grid's order changed nothing; the likely cause is occupancy: the split kernel compiled to
+   150-186 registers per thread against this one's 90 (2-3 resident programs per SM instead of 5), from the rows'
+   running ends and the loop over row pieces. A draft with its first piece straight-line and a merge without the
+   per-slot emptiness test reached 146 against 137 µs at (1, 128K) full, still slower.
 
 ``rope_append_attention`` (the fused decode step's) first does ``rope_append``'s work in the split kernel: RoPE on
 the group's queries and the new key from the fused q/k/v projection, the new entry written by split 0, which also
