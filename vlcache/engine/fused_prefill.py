@@ -140,6 +140,14 @@ def fused_prefill(model) -> Iterator[None]:
     reason = prefill_unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"the fused prefill does not support this model: {reason}")
+    with swapped_forward(model):
+        yield
+
+
+@contextmanager
+def swapped_forward(model) -> Iterator[None]:
+    """`fused_prefill` without its support check, for a caller that has just made it
+    (`VLMAdapter.prefill`)."""
     text, _ = _text_parts(model)
     layers = fuse_projections(model)
     saved = text.__dict__.get("forward")  # an instance-level forward already there (a nested use): put it back

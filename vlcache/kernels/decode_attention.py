@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from .fused_ops import check_append, rope_append, rope_rounded
-from .launch import interpreting, sm_count
+from .launch import interpreting, runs_triton, sm_count
 
 __all__ = ["DecodeConfig", "decode_attention", "decode_attention_torch", "num_splits", "rope_append_attention"]
 
@@ -414,7 +414,7 @@ def decode_attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend is None:
-        backend = "triton" if (q.is_cuda or interpreting()) else "torch"
+        backend = "triton" if runs_triton(q) else "torch"
     if backend == "triton":
         return _decode_attention_triton(q, k, v, length, scale, splits, config or DEFAULT_CONFIG, bounds, max_cap)
     if backend == "torch":
@@ -452,7 +452,7 @@ def rope_append_attention(
     check_append(qkv, cos, sin, keys, values, num_heads, bounds)
     scale = keys.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend is None:
-        backend = "triton" if (qkv.is_cuda or interpreting()) else "torch"
+        backend = "triton" if runs_triton(qkv) else "torch"
     if backend == "torch":
         q = rope_append(qkv, cos, sin, keys, values, length, positions, seen, num_heads, backend="torch", bounds=bounds)
         return q, decode_attention_torch(q, keys, values, length, scale, bounds, max_cap)

@@ -27,14 +27,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import interpreting
+from .launch import runs_triton
 
 __all__ = ["check_append", "rms_norm", "rope_append", "silu_mul"]
 
 
 def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
     if backend is None:
-        return x.is_cuda or interpreting()
+        return runs_triton(x)
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
     return backend == "triton"

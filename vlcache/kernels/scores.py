@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting
+from .launch import interpreting, runs_triton
 from .scores_ref import AttentionScores, attention_scores_torch, check_inputs
 
 __all__ = ["AttentionScores", "attention_scores"]
@@ -548,7 +548,7 @@ def attention_scores(
         ``AttentionScores(col [B, Hkv, Nk] float32, below, visible [B, Hq] int64 or None)``.
     """
     if backend is None:
-        backend = "triton" if (q.is_cuda or interpreting()) else "torch"
+        backend = "triton" if runs_triton(q) else "torch"
     if backend == "triton":
         return _attention_scores_triton(q, k, q_pos, scale=scale, key_valid=key_valid, threshold=threshold)
     if backend == "torch":

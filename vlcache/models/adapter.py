@@ -148,11 +148,11 @@ class VLMAdapter:
             return contextlib.nullcontext()  # the CPU (the embedded default): the model's own forward, unchanged
         if self.fused_prefill is None and torch.is_grad_enabled():
             return contextlib.nullcontext()  # its kernels have no backward: a prefill recording gradients keeps it
-        from vlcache.engine.fused_prefill import fused_prefill, prefill_unsupported_reason  # imports triton
+        from vlcache.engine.fused_prefill import prefill_unsupported_reason, swapped_forward  # imports triton
 
         reason = prefill_unsupported_reason(self.model)
         if reason is None:
-            return fused_prefill(self.model)
+            return swapped_forward(self.model)
         if self.fused_prefill:
             raise ValueError(f"fused_prefill=True, but the fused prefill cannot run this model: {reason}")
         return contextlib.nullcontext()
