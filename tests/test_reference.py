@@ -50,7 +50,9 @@ def test_compression_changes_the_perplexity_of_the_full_answer(tiny_adapter, bat
     at_low = reference_nll(tiny_adapter, build_policy(preset("streamingllm"), 0.05), batch_inputs, refs)
     for ref, (a, n), (b, k) in zip(refs, at_full, at_low):
         assert n == k == len(ref)
-        assert a != b or n == 0  # 5% of the prompt kept: other logits
+        # 5% of the prompt kept: other logits, from the second token on (the first is scored from the prefill's
+        # logits, which come before compression: a one-token answer has the same NLL at any budget)
+        assert a != b or n <= 1
     assert all(perplexity(a, n) >= 1.0 for a, n in at_full if n)
 
 
