@@ -18,13 +18,21 @@ import torch
 import torch.nn.functional as F
 
 from experiments.bench_decode import graph_ms, measure_copy_bw
-from vlcache.kernels.linear import LinearConfig, decode_linear
+from vlcache.kernels.fused_ops import silu_mul
+from vlcache.kernels.linear import LinearConfig, decode_linear, swiglu_linear
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+SHAPES = {
+    "qkv": (6144, 4096),
+    "o": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "swiglu": (28672, 4096),  # gate/up then SwiGLU: cuBLAS + silu_mul against swiglu_linear's one launch
+}
 GRID = [
     LinearConfig(block_n=bn, block_k=bk, num_warps=4, num_stages=st)
     for bn, bk, st in itertools.product((32, 64), (128, 256), (3, 5))
 ] + [LinearConfig(32, 512, 4, 3)]
+GRID_SWIGLU = GRID + [LinearConfig(16, bk, 4, st) for bk, st in itertools.product((128, 256), (3, 5))]
 
 
 def time_form(rows, name, batch, form, weights, fn, bw, err=None) -> dict:
@@ -52,19 +60,26 @@ def main() -> None:
         weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5 for _ in range(32)]
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, k, device=device, dtype=torch.bfloat16)
-            ref = F.linear(x, weights[0]).float()
-            base = time_form(rows, name, batch, "cublas", weights, lambda w, x=x: F.linear(x, w), bw)
+            swiglu = name == "swiglu"
+            if swiglu:
+                ref = silu_mul(F.linear(x, weights[0])).float()
+                base = time_form(rows, name, batch, "cublas+silu_mul", weights,
+                                 lambda w, x=x: silu_mul(F.linear(x, w)), bw)  # fmt: skip
+            else:
+                ref = F.linear(x, weights[0]).float()
+                base = time_form(rows, name, batch, "cublas", weights, lambda w, x=x: F.linear(x, w), bw)
+            fn = swiglu_linear if swiglu else decode_linear
             best = None
-            for cfg in GRID:
+            for cfg in GRID_SWIGLU if swiglu else GRID:
                 tag = f"bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
                 try:
-                    out = decode_linear(x, weights[0], config=cfg).float()
+                    out = fn(x, weights[0], config=cfg).float()
                 except Exception as e:  # noqa: BLE001  (a config too large for shared memory: skipped)
                     print(f"{name:8s} B={batch:3d} {tag}: {type(e).__name__}", flush=True)
                     continue
                 err = float((out - ref).abs().max() / ref.abs().max())
                 row = time_form(rows, name, batch, tag, weights,
-                                lambda w, x=x, cfg=cfg: decode_linear(x, w, config=cfg), bw, err)  # fmt: skip
+                                lambda w, x=x, cfg=cfg, fn=fn: fn(x, w, config=cfg), bw, err)  # fmt: skip
                 best = row if best is None or row["us"] < best["us"] else best
             print(f"  best: {best['form']} {best['us']:.1f} us against cuBLAS {base['us']:.1f}")
         del weights

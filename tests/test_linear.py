@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vlcache.kernels import linear
+from vlcache.kernels.fused_ops import silu_mul
 from vlcache.kernels.linear import LinearConfig, decode_linear
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -50,3 +51,33 @@ def test_decode_linear_falls_back_to_f_linear():
         assert torch.equal(decode_linear(x, w), F.linear(x, w))
     with pytest.raises(ValueError, match="do not match"):
         decode_linear(_rand(2, 64, dtype=torch.float32), _rand(8, 32, dtype=torch.float32))
+
+
+def _swiglu_ref(x, w, b):
+    """float64 `silu(x Wg^T + bg) · (x Wu^T + bu)`, gate rows first in `w`."""
+    y = x.double().cpu() @ w.double().cpu().T + (b.double().cpu() if b is not None else 0)
+    g, u = y.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("b", "inter", "k"), [(1, 96, 128), (3, 50, 192), (16, 33, 64), (5, 40, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_linear(dtype, b, inter, k, bias):
+    x, w = _rand(b, k, dtype=dtype), _rand(2 * inter, k, dtype=dtype, scale=k**-0.5)
+    bb = _rand(2 * inter, dtype=dtype) if bias else None
+    cfg = LinearConfig(block_n=32, block_k=64)
+    out = linear.swiglu_linear(x, w, bb, config=cfg)
+    assert out.shape == (b, inter) and out.dtype == dtype
+    _close(out, _swiglu_ref(x, w, bb), dtype)
+    assert torch.equal(out, silu_mul(decode_linear(x, w, bb, config=cfg)))  # the unfused kernels', bit for bit
+
+
+def test_swiglu_linear_falls_back_and_checks():
+    """More rows than one tile: `silu_mul(F.linear(...))` itself; odd row counts and mismatched K are errors."""
+    x, w = _rand(17, 64, dtype=torch.float32), _rand(14, 64, dtype=torch.float32)
+    assert torch.equal(linear.swiglu_linear(x, w), silu_mul(F.linear(x, w)))
+    with pytest.raises(ValueError, match="gate and up"):
+        linear.swiglu_linear(x, _rand(13, 64, dtype=torch.float32))
+    with pytest.raises(ValueError, match="do not match"):
+        linear.swiglu_linear(x, _rand(14, 32, dtype=torch.float32))

@@ -8,12 +8,14 @@ graph. This step computes the same function as the model's forward with the comp
     q, a = rope_append_attention(x @ W_qkv, cache)  # one GEMM for q, k and v; RoPE, the append and the ragged
                                                     # attention in one launch (two with key-axis splits)
     h, x = rms_norm(h, w_post, residual=a @ W_o)
-    d = silu_mul(x @ W_gate_up) @ W_down            # one GEMM for gate and up
+    d = swiglu(x @ W_gate_up) @ W_down              # one GEMM for gate and up, SwiGLU in its epilogue
 
-so seven or eight launches per layer instead of fifty. The output and down projections go through
-`vlcache.kernels.linear.decode_linear`: a Triton kernel without cuBLAS's split-K reduction launch up to 16
-sequences with 16-bit weights (the two that cuBLAS reads furthest below the copy bandwidth there,
-results/bench/linear_sweep_h200.json), `F.linear` otherwise. The q/k/v and gate/up weights are concatenated once
+so six or seven launches per layer instead of fifty. Up to 16 sequences with 16-bit weights the four
+projections are Triton kernels (`vlcache.kernels.linear`): the output and down projections without cuBLAS's
+split-K reduction launch, q/k/v a little faster than cuBLAS, and gate/up with SwiGLU applied in its epilogue
+(`swiglu_linear`), one launch fewer (results/bench/linear_sweep_h200.json and linear_sweep_swiglu_qkv_h200.json;
+the last two took 0.08-0.11 ms off a step at batch 1 and 4, experiments/step_forms_ab.py); beyond that,
+`F.linear` and `silu_mul`. The q/k/v and gate/up weights are concatenated once
 (`fuse_projections`); the model's own `Linear` weights become views of the fused tensors, so no memory is
 added and the model's forward still works. Cosine and sine come from the model's own rotary module (every
 RoPE scaling type it implements). Rounding follows transformers' operations, so tokens match the module path
@@ -29,12 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vlcache.cache import CompressedCache
 from vlcache.kernels.decode_attention import rope_append_attention
-from vlcache.kernels.fused_ops import rms_norm, silu_mul
-from vlcache.kernels.linear import decode_linear
+from vlcache.kernels.fused_ops import rms_norm
+from vlcache.kernels.linear import QKV_CONFIG, SWIGLU_CONFIG, decode_linear, swiglu_linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -166,12 +167,12 @@ class FusedDecoder:
         for i, (w, layer) in enumerate(zip(self.layers, cache.layers)):
             h, x = rms_norm(h, w.w_in, w.eps_in, residual=delta)
             q, a = rope_append_attention(
-                F.linear(x, w.w_qkv, w.b_qkv), cos, sin, layer.keys, layer.values, layer.length,
+                decode_linear(x, w.w_qkv, w.b_qkv, config=QKV_CONFIG), cos, sin, layer.keys, layer.values, layer.length,
                 layer.positions, seen, self.num_heads, w.scale, bounds=layer.bounds, max_cap=layer.capacity,
             )  # fmt: skip
             if on_decode is not None:
                 on_decode(i, q)
             h, x = rms_norm(h, w.w_post, w.eps_post, residual=decode_linear(a.view(b, -1), w.w_o, w.b_o))
-            delta = decode_linear(silu_mul(F.linear(x, w.w_gu, w.b_gu)), w.w_down, w.b_down)
+            delta = decode_linear(swiglu_linear(x, w.w_gu, w.b_gu, config=SWIGLU_CONFIG), w.w_down, w.b_down)
         _, x = rms_norm(h, self.w_norm, self.eps_norm, residual=delta)
         return self.head(x)
