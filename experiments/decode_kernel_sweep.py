@@ -15,6 +15,13 @@ varies `row_waves`. Loading keys as rows changed nothing (within 0.1 µs at ever
 what that run found is that one split at batch 64 × 8 KV heads beat two (17.9 against 22.5 µs per layer),
 which `row_waves` now does. That run timed with a timer and a copy-bandwidth measure of its own (CUDA events
 around single replays); the script now uses bench_decode's `graph_ms` and `measure_copy_bw`.
+
+``--wide`` times 60 more configurations at budget 0.1: 64- and 128-key tiles, 4 and 8 warps, 2-4 stages, 2-8
+waves (results/bench/decode_kernel_sweep_wide_h200.json, `--points 4x32768,1x131072,1x32768 --budgets 0.1`,
+2026-11-21). None is clearly better than the default: the best were 21.1 against 21.7 µs per layer at (4, 32K),
+22.5 against 22.8 at (1, 128K) and the default itself at (1, 32K), each a different configuration. About 8 µs
+of each layer's decode attention at budget 0.1 is fixed (11.6 µs for 13.5 MB at (1, 32K), 21.7 for 53.7 MB at
+(4, 32K)): the two launches and their ramps, not the key loop.
 """
 
 from __future__ import annotations
@@ -45,7 +52,13 @@ def layers(batch: int, n: int, device, seed: int = 0):
     return q, out
 
 
-def configs(full_only: bool) -> list[DecodeConfig]:
+def configs(full_only: bool, wide: bool = False) -> list[DecodeConfig]:
+    if wide:  # larger key tiles, more warps and splits, deeper pipelines
+        grid = itertools.product((2, 3, 4, 6, 8), (64, 128), (4, 8), (2, 3, 4))
+        return [DEFAULT_CONFIG] + [
+            dataclasses.replace(DEFAULT_CONFIG, waves=w, block_n=bn, num_warps=nw, num_stages=ns, min_keys_per_split=64)
+            for w, bn, nw, ns in grid
+        ]
     if full_only:
         return [DEFAULT_CONFIG, dataclasses.replace(DEFAULT_CONFIG, row_waves=float("inf"))]
     grid = itertools.product((1, 2, 4), (16, 32, 64), (2, 4), (2, 3, 4), (2.0, float("inf")))
@@ -59,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", default="64x2048,4x32768,1x131072,1x32768,1x2048")
     ap.add_argument("--budgets", default="0.1,1.0")
+    ap.add_argument("--wide", action="store_true", help="a grid of larger tiles, more warps, splits and stages")
     ap.add_argument("--out", default="results/bench/decode_kernel_sweep.json")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -72,7 +86,7 @@ def main() -> None:
             k0, v0, l0 = lay[0]
             ref = decode_attention(q.float(), k0.float(), v0.float(), l0, backend="torch")
             found = []
-            for c in configs(full_only=budget == 1.0):
+            for c in configs(full_only=budget == 1.0, wide=args.wide):
                 try:
                     err = float((decode_attention(q, k0, v0, l0, config=c).float() - ref).norm() / ref.norm())
                     step = lambda c=c, q=q, lay=lay: [decode_attention(q, k, v, n, config=c) for k, v, n in lay]  # noqa: E731
