@@ -33,6 +33,11 @@ GRID = [
     for bn, bk, st in itertools.product((32, 64), (128, 256), (3, 5))
 ] + [LinearConfig(32, 512, 4, 3)]
 GRID_SWIGLU = GRID + [LinearConfig(16, bk, 4, st) for bk, st in itertools.product((128, 256), (3, 5))]
+# deeper pipelines and narrower tiles, for the projections that stream few K steps per program (o, q/k/v)
+GRID_DEEP = [
+    LinearConfig(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)
+    for bn, bk, nw, st in itertools.product((16, 32, 64), (128, 256), (4, 8), (4, 6, 8))
+]
 
 
 def time_form(rows, name, batch, form, weights, fn, bw, err=None) -> dict:
@@ -50,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--deep", action="store_true", help="GRID_DEEP instead of GRID (not for swiglu)")
     ap.add_argument("--out", default="results/bench/linear_sweep.json")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -70,7 +76,7 @@ def main() -> None:
                 base = time_form(rows, name, batch, "cublas", weights, lambda w, x=x: F.linear(x, w), bw)
             fn = swiglu_linear if swiglu else decode_linear
             best = None
-            for cfg in GRID_SWIGLU if swiglu else GRID:
+            for cfg in GRID_SWIGLU if swiglu else GRID_DEEP if args.deep else GRID:
                 tag = f"bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
                 try:
                     out = fn(x, weights[0], config=cfg).float()

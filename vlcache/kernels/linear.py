@@ -9,7 +9,9 @@ at batch 1-16 that takes the output projection from 13.5-13.8 to 11.4-11.8 µs a
 32.1-33.0 to 30.3-30.7 µs; in a later run (`--shapes swiglu,qkv`, results/bench/linear_sweep_swiglu_qkv_h200.json)
 q/k/v (`QKV_CONFIG`) from 15.6-16.0 to 14.9-15.1 µs. For gate/up alone cuBLAS is about as fast, but
 `swiglu_linear` also applies SwiGLU in its epilogue, so the step loses `silu_mul`'s launch: 57.2-57.7 against
-58.9-59.9 µs for cuBLAS then `silu_mul`, with equal outputs. At batch 64 (a 64-row-tile draft, not kept) cuBLAS was
+58.9-59.9 µs for cuBLAS then `silu_mul`, with equal outputs. Deeper pipelines (6-8 stages) and 16-column tiles
+(`--deep --shapes o,qkv`, results/bench/linear_sweep_deep_h200.json) moved the output and q/k/v projections by
+0.3 µs at most, so the configurations stay. At batch 64 (a 64-row-tile draft, not kept) cuBLAS was
 faster for all four. A draft that instead folded the RMSNorm or SwiGLU into the load of the input (not kept) was
 slower: each tile's extra arithmetic stalled the load pipeline; the epilogue runs once per program.
 """
