@@ -14,7 +14,7 @@ so six or seven launches per layer instead of fifty. Up to 16 sequences with 16-
 projections are Triton kernels (`vlcache.kernels.linear`): the output and down projections without cuBLAS's
 split-K reduction launch, q/k/v a little faster than cuBLAS, and gate/up with SwiGLU applied in its epilogue
 (`swiglu_linear`), one launch fewer (results/bench/linear_sweep_h200.json and linear_sweep_swiglu_qkv_h200.json;
-the last two took 0.08-0.11 ms off a step at batch 1 and 4, experiments/step_forms_ab.py); beyond that,
+the last two took 0.08-0.13 ms off a step at batch 1 and 4, experiments/step_forms_ab.py); beyond that,
 `F.linear` and `silu_mul`. The q/k/v and gate/up weights are concatenated once
 (`fuse_projections`); the model's own `Linear` weights become views of the fused tensors, so no memory is
 added and the model's forward still works. Cosine and sine come from the model's own rotary module (every
