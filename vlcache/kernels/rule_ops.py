@@ -57,12 +57,18 @@ class RuleConfig:
     16-bit keys, ``"ieee"`` for float32 ones): ``"split"``, the scaled query as three parts of the keys' 16-bit type
     (their sum is the query to float32 precision) on tensor cores, each part's products with a key exact in
     float32, so the logits agree with the float32 form to float32 rounding; ``"ieee"``, float32 FMAs (on 16-bit keys
-    they spill registers: slow); ``"tf32x3"``, tensor cores on float32 operands (about 2^-21 relative)."""
+    they spill registers: slow); ``"tf32x3"``, tensor cores on float32 operands (about 2^-21 relative).
+
+    ``min_per_split`` 64 rather than 256: H2O's rows of a few hundred to a few thousand entries then split, which
+    cut its update at batch 1 by about a third on an H200 (experiments/bench_rules.py, results/bench/rules_h2o_mps*).
+    The split form's scores round differently from the one-program form's (the softmax normaliser comes from
+    per-split partials), so a float32 near-tie can pick the other of two victims: the first such case in 854,528
+    decisions at batch 64, 2K prompt, was 4.1e-8 apart in float64 (experiments/h2o_split_check.py)."""
 
     block_n: int = 64
     block_s: int = 32
     waves: int = 4
-    min_per_split: int = 256
+    min_per_split: int = 64
     max_splits: int = 64
     num_warps: int = 4
     precision: str = "auto"
