@@ -449,15 +449,15 @@ def rope_append_attention(
 
     Returns `(q, out)`: the rotated queries and the attention output, both `[B, Hq, 1, D]`.
     """
-    check_append(qkv, cos, sin, keys, values, num_heads, bounds)
     scale = keys.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend is None:
         backend = "triton" if runs_triton(qkv) else "torch"
-    if backend == "torch":
+    if backend == "torch":  # rope_append checks the shapes
         q = rope_append(qkv, cos, sin, keys, values, length, positions, seen, num_heads, backend="torch", bounds=bounds)
         return q, decode_attention_torch(q, keys, values, length, scale, bounds, max_cap)
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
+    check_append(qkv, cos, sin, keys, values, num_heads, bounds)
     q = torch.empty(qkv.shape[0], num_heads, 1, keys.shape[-1], dtype=qkv.dtype, device=qkv.device)
     out = _decode_attention_triton(
         q, keys, values, length, scale, splits, config or DEFAULT_CONFIG, bounds, max_cap,
