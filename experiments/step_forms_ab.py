@@ -1,13 +1,22 @@
-"""The fused decode step's projections, this form against the previous one, in one run.
+"""The fused decode step in one form against another, in one run.
 
-``after`` is `FusedDecoder` as it is: up to 16 sequences, q/k/v through `decode_linear` (`QKV_CONFIG`) and gate/up
-through `swiglu_linear` (SwiGLU in the GEMM's epilogue). ``before`` swaps those two calls back to what the step ran
-until 2026-11-21: cuBLAS (`F.linear`) for q/k/v and gate/up, then `silu_mul`. Both time bench_decode's real-size
-model on its synthetic caches (`decode_fast`, CUDA graph, steady state), alternating for ``--rounds`` rounds, and
-check that the two forms give the same tokens.
+``current`` is `FusedDecoder` as it is. The other forms swap functions of vlcache/engine/fused_decode.py back to
+what the step ran before:
 
-    PYTHONPATH=. python experiments/step_forms_ab.py --points 1x2048,4x32768 --budgets 1.0,0.1 \\
-        --out results/bench/step_forms_ab_h200.json
+* ``norm-launch`` (until the RMSNorms were split between the projections' epilogues, 2026-11-22): the output and
+  down projections, then `rms_norm`, two launches where `residual_norm_linear` is one;
+* ``cublas-qkv-gu`` (until q/k/v and gate/up ran on Triton, 2026-11-21): that, with cuBLAS (`F.linear`) for q/k/v
+  and gate/up, then `silu_mul`.
+
+Each times bench_decode's real-size model on its synthetic caches (`decode_fast`, CUDA graph, steady state),
+alternating for ``--rounds`` rounds, and checks whether the forms give the same tokens (bf16: the fold rounds
+differently, so random weights' near-tied logits may part).
+
+    PYTHONPATH=. python experiments/step_forms_ab.py --points 1x2048,4x32768,1x131072 --budgets 1.0,0.1 \\
+        --forms norm-launch,current --out results/bench/step_forms_ab_norm_h200.json
+
+results/bench/step_forms_ab_h200.json is the run of ``cublas-qkv-gu`` against what is now ``norm-launch``;
+step_forms_ab_normloop_h200.json's ``current`` is a form not kept, the norm folded into the consumer's tile loads.
 """
 
 from __future__ import annotations
@@ -24,19 +33,30 @@ from experiments.bench_decode import IMAGE_TOKEN, TextAdapter, build_model, mode
 from vlcache.engine import fused_decode
 from vlcache.engine.attention import ForwardContext
 from vlcache.engine.fast_decode import decode_fast
-from vlcache.kernels.fused_ops import silu_mul
-from vlcache.kernels.linear import QKV_CONFIG, decode_linear, swiglu_linear
+from vlcache.kernels.fused_ops import rms_norm, silu_mul
+from vlcache.kernels.linear import Normed, decode_linear
 
 
-def _before_linear(x, w, b=None, *, config=None):
-    return F.linear(x, w, b) if config is QKV_CONFIG else decode_linear(x, w, b, config=config)
+def _norm_launch(x, w, bias, residual, norm_w, eps, *, config=None):
+    h, y = rms_norm(residual, norm_w, eps, residual=decode_linear(x, w, bias, config=config))
+    return h, Normed(y, None, eps)
 
 
-def _before_swiglu(x, w, b=None, *, config=None):
-    return silu_mul(F.linear(x, w, b))
+def _cublas(x, w, bias=None, *, swiglu=False, config=None):
+    return silu_mul(F.linear(x.x, w, bias)) if swiglu else F.linear(x.x, w, bias)
 
 
-FORMS = {"before": (_before_linear, _before_swiglu), "after": (decode_linear, swiglu_linear)}
+CURRENT = {"residual_norm_linear": fused_decode.residual_norm_linear, "normed_linear": fused_decode.normed_linear}
+FORMS = {
+    "current": CURRENT,
+    "norm-launch": {**CURRENT, "residual_norm_linear": _norm_launch},
+    "cublas-qkv-gu": {"residual_norm_linear": _norm_launch, "normed_linear": _cublas},
+}
+
+
+def _use(form: str) -> None:
+    for name, fn in FORMS[form].items():
+        setattr(fused_decode, name, fn)
 
 
 def step_ms(adapter, cfg, batch, prompt, budget, new_tokens, device) -> tuple[float, list[list[int]]]:
@@ -57,35 +77,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", default="1x2048,4x32768")
     ap.add_argument("--budgets", default="1.0,0.1")
+    ap.add_argument("--forms", default="norm-launch,current")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "step_forms_ab.json"))
     args = ap.parse_args()
     device = torch.device("cuda")
     points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
+    forms = args.forms.split(",")
     cfg = model_config(False, max(32768, max(p for _, p in points) + args.new_tokens + 8))
     adapter = TextAdapter(build_model(cfg, device), device)
     rows = []
     for batch, prompt in points:
         for budget in (float(b) for b in args.budgets.split(",")):
-            times: dict[str, list[float]] = {f: [] for f in FORMS}
+            times: dict[str, list[float]] = {f: [] for f in forms}
             tokens = {}
-            for r in range(args.rounds + 1):  # round 0 compiles and warms up both
-                for form, (lin, swi) in FORMS.items():
-                    fused_decode.decode_linear, fused_decode.swiglu_linear = lin, swi
+            for r in range(args.rounds + 1):  # round 0 compiles and warms up every form
+                for form in forms:
+                    _use(form)
                     ms, tokens[form] = step_ms(adapter, cfg, batch, prompt, budget, args.new_tokens, device)
                     if r:
                         times[form].append(ms)
-            fused_decode.decode_linear, fused_decode.swiglu_linear = FORMS["after"]
+            _use("current")
             med = {f: statistics.median(t) for f, t in times.items()}
-            rows.append(dict(batch=batch, prompt_len=prompt, budget=budget, ms=med, all=times,
-                             same_tokens=tokens["before"] == tokens["after"]))  # fmt: skip
-            print(
-                f"B={batch:<3} P={prompt:<6} budget {budget:<4} before {med['before']:6.3f}  after "
-                f"{med['after']:6.3f} ms/token  after/before {med['after'] / med['before']:.3f}  "
-                f"same tokens {rows[-1]['same_tokens']}",
-                flush=True,
-            )
+            same = {f: tokens[f] == tokens[forms[-1]] for f in forms[:-1]}
+            rows.append(dict(batch=batch, prompt_len=prompt, budget=budget, ms=med, all=times, same_tokens=same))
+            print(f"B={batch:<3} P={prompt:<6} budget {budget:<4} " + "  ".join(f"{f} {med[f]:6.3f}" for f in forms)
+                  + f" ms/token; {forms[-1]}/{forms[0]} {med[forms[-1]] / med[forms[0]]:.3f}; same tokens {same}",
+                  flush=True)  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(device), "rows": rows}, f, indent=1)

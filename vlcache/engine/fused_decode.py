@@ -4,22 +4,28 @@ transformers' decoder layer costs about fifty launches per token (vlcache/kernel
 go); at batch 1 a 7B model's step then takes about twice its bandwidth floor even when captured in a CUDA
 graph. This step computes the same function as the model's forward with the compressed cache, per layer:
 
-    h, x = rms_norm(h, w_in, residual=d)           # the previous layer's MLP output added in the same launch
     q, a = rope_append_attention(x @ W_qkv, cache)  # one GEMM for q, k and v; RoPE, the append and the ragged
                                                     # attention in one launch (two with key-axis splits)
-    h, x = rms_norm(h, w_post, residual=a @ W_o)
-    d = swiglu(x @ W_gate_up) @ W_down              # one GEMM for gate and up, SwiGLU in its epilogue
+    h, x = residual_norm_linear(a, W_o, h, w_post)  # h += a @ W_o, x = RMSNorm(h): the norm in the epilogue
+    h, x = residual_norm_linear(swiglu(x @ W_gate_up), W_down, h, w_in')  # SwiGLU in gate/up's epilogue
 
-so six or seven launches per layer instead of fifty. Up to 16 sequences with 16-bit weights the four
-projections are Triton kernels (`vlcache.kernels.linear`): the output and down projections without cuBLAS's
-split-K reduction launch, q/k/v a little faster than cuBLAS, and gate/up with SwiGLU applied in its epilogue
-(`swiglu_linear`), one launch fewer (results/bench/linear_sweep_h200.json and linear_sweep_swiglu_qkv_h200.json;
-the last two took 0.08-0.13 ms off a step at batch 1 and 4, experiments/step_forms_ab.py); beyond that,
-`F.linear` and `silu_mul`. The q/k/v and gate/up weights are concatenated once
-(`fuse_projections`); the model's own `Linear` weights become views of the fused tensors, so no memory is
-added and the model's forward still works. Cosine and sine come from the model's own rotary module (every
-RoPE scaling type it implements). Rounding follows transformers' operations, so tokens match the module path
-(tests/test_fused_decode.py); decode rules that watch every token get `on_decode(layer, query)` as there.
+so four or five launches per layer instead of fifty, up to 16 sequences with 16-bit weights (beyond, the norms and
+SwiGLU are launches of their own, `rms_norm` and `silu_mul`, and the projections cuBLAS's: seven or eight). Up to
+16 sequences the four projections are Triton kernels (`vlcache.kernels.linear`): the output and down projections
+without cuBLAS's split-K reduction launch, q/k/v a little faster than cuBLAS, and gate/up with SwiGLU applied in
+its epilogue (`swiglu_linear`) (results/bench/linear_sweep_h200.json and linear_sweep_swiglu_qkv_h200.json; the last
+two took 0.08-0.13 ms off a step at batch 1 and 4, experiments/step_forms_ab.py). A norm needs a whole row and a
+projection's program owns a few columns, so each norm is split between two launches: the producer's epilogue writes
+``h``, ``h · w_norm`` and its columns' sums of ``h²``, the consumer scales its sums by each row's ``1 / rms`` in its
+own epilogue. (Folding the norm into the consumer's loads instead, ``h`` and the residual read and added per tile,
+was slower, 4.17 → 5.28 ms a step at batch 1, 2K prompt, budget 0.1: the input tiles then go through registers, and
+the loop no longer keeps them in flight.) The q/k/v and gate/up weights are concatenated once (`fuse_projections`);
+the model's own `Linear` weights become views of the fused tensors, so no memory is added and the model's forward
+still works. Cosine and sine come from the model's own rotary module (every RoPE scaling type it implements).
+Rounding follows transformers' operations, so tokens match the module path (tests/test_fused_decode.py), but for
+the split norm, which rounds ``h · w_norm`` where transformers rounds ``h / rms`` then ``w_norm ·`` that (equal to
+the 16-bit type's rounding; float32 weights on CUDA keep the separate launches). Decode rules that watch every
+token get `on_decode(layer, query)` as there.
 
 Supported: text models whose `model_type` is llama, mistral or qwen2 (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision
 language models, the embedded model) with SiLU MLPs, on one device. `unsupported_reason` says why not.
@@ -35,7 +41,14 @@ import torch
 from vlcache.cache import CompressedCache
 from vlcache.kernels.decode_attention import rope_append_attention
 from vlcache.kernels.fused_ops import rms_norm
-from vlcache.kernels.linear import QKV_CONFIG, SWIGLU_CONFIG, decode_linear, swiglu_linear
+from vlcache.kernels.linear import (
+    QKV_CONFIG,
+    SWIGLU_CONFIG,
+    Normed,
+    decode_linear,
+    normed_linear,
+    residual_norm_linear,
+)
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -162,17 +175,21 @@ class FusedDecoder:
         h = self.text.embed_tokens(tokens)  # [B, H]
         cos, sin = self.text.rotary_emb(h, position_ids)  # [B, 1, D]
         cos, sin = cos[:, 0], sin[:, 0]
-        b = tokens.shape[0]
-        delta = None  # the previous sub-layer's output, added to h by the next norm's launch
+        b, last = tokens.shape[0], len(self.layers) - 1
+        w0 = self.layers[0]
+        x = Normed(rms_norm(h, w0.w_in, w0.eps_in)[1], None, w0.eps_in)
         for i, (w, layer) in enumerate(zip(self.layers, cache.layers)):
-            h, x = rms_norm(h, w.w_in, w.eps_in, residual=delta)
             q, a = rope_append_attention(
-                decode_linear(x, w.w_qkv, w.b_qkv, config=QKV_CONFIG), cos, sin, layer.keys, layer.values, layer.length,
-                layer.positions, seen, self.num_heads, w.scale, bounds=layer.bounds, max_cap=layer.capacity,
+                normed_linear(x, w.w_qkv, w.b_qkv, config=QKV_CONFIG), cos, sin, layer.keys, layer.values,
+                layer.length, layer.positions, seen, self.num_heads, w.scale, bounds=layer.bounds,
+                max_cap=layer.capacity,
             )  # fmt: skip
             if on_decode is not None:
                 on_decode(i, q)
-            h, x = rms_norm(h, w.w_post, w.eps_post, residual=decode_linear(a.view(b, -1), w.w_o, w.b_o))
-            delta = decode_linear(swiglu_linear(x, w.w_gu, w.b_gu, config=SWIGLU_CONFIG), w.w_down, w.b_down)
-        _, x = rms_norm(h, self.w_norm, self.eps_norm, residual=delta)
+            h, x = residual_norm_linear(a.view(b, -1), w.w_o, w.b_o, h, w.w_post, w.eps_post)
+            act = normed_linear(x, w.w_gu, w.b_gu, swiglu=True, config=SWIGLU_CONFIG)
+            if i < last:
+                nxt = self.layers[i + 1]
+                h, x = residual_norm_linear(act, w.w_down, w.b_down, h, nxt.w_in, nxt.eps_in)
+        _, x = rms_norm(h, self.w_norm, self.eps_norm, residual=decode_linear(act, w.w_down, w.b_down))
         return self.head(x)

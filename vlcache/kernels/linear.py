@@ -14,6 +14,12 @@ q/k/v (`QKV_CONFIG`) from 15.6-16.0 to 14.9-15.1 µs. For gate/up alone cuBLAS i
 0.3 µs at most, so the configurations stay. At batch 64 (a 64-row-tile draft, not kept) cuBLAS was
 faster for all four. A draft that instead folded the RMSNorm or SwiGLU into the load of the input (not kept) was
 slower: each tile's extra arithmetic stalled the load pipeline; the epilogue runs once per program.
+
+So the decode step's RMSNorms go to epilogues (`residual_norm_linear`, `normed_linear`): the output and down
+projections add the residual and write ``h``, ``h · w_norm`` and their columns' partial sums of ``h²``; q/k/v and
+gate/up scale their sums by each row's ``1 / rms`` from those partials. Two launches fewer per layer: 0.077-0.086 ms
+off a step at batch 1 and 4, budget 0.1 (experiments/step_forms_ab.py, results/bench/step_forms_ab_norm_h200.json);
+the same fold in the consumer's loads made it 1.1 ms slower (step_forms_ab_normloop_h200.json).
 """
 
 from __future__ import annotations
@@ -25,10 +31,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fused_ops import silu_mul
+from .fused_ops import rms_norm, silu_mul
 from .launch import interpreting
 
-__all__ = ["QKV_CONFIG", "SWIGLU_CONFIG", "LinearConfig", "decode_linear", "supported", "swiglu_linear"]
+__all__ = [
+    "QKV_CONFIG",
+    "SWIGLU_CONFIG",
+    "LinearConfig",
+    "Normed",
+    "decode_linear",
+    "normed_linear",
+    "residual_norm_linear",
+    "supported",
+    "swiglu_linear",
+]
 
 MAX_ROWS = 16  # one tile of rows: beyond it cuBLAS is the better choice (and the weights would be read twice)
 
@@ -52,8 +68,10 @@ SWIGLU_CONFIG = LinearConfig(block_n=64, block_k=128, num_stages=3)  # swiglu_li
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, o_ptr, B, N, K, s_x, s_w, s_o,
+    r_ptr, g_ptr, h_ptr, sq_ptr, NPART, eps, s_r, s_h,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SWIGLU: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRE_NORM: tl.constexpr, EPI_NORM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_M)
     r_ok = rows < B
@@ -80,6 +98,12 @@ def _linear_kernel(
             else:
                 acc_up = tl.dot(wu, x, acc_up)
     ty = o_ptr.dtype.element_ty
+    if PRE_NORM:  # x is h · g: RMSNorm's 1 / sqrt(mean(h²) + eps) per row, from the producer's partial sums
+        p = tl.arange(0, BLOCK_P)
+        part = tl.load(sq_ptr + p[:, None] * BLOCK_M + rows[None, :], mask=(p < NPART)[:, None], other=0.0)
+        inv = tl.math.rsqrt(tl.sum(part, 0) / K + eps)
+        acc = acc * inv[None, :]
+        acc_up = acc_up * inv[None, :]
     if HAS_BIAS:  # in float32 before the one rounding, as addmm
         acc += tl.load(b_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[:, None]
         if SWIGLU:
@@ -89,6 +113,13 @@ def _linear_kernel(
         a = (g / (1.0 + tl.exp(-g))).to(ty).to(tl.float32)
         acc = a * acc_up.to(ty).to(tl.float32)
     ok = c_ok[:, None] & r_ok[None, :]
+    if EPI_NORM:  # the residual stream h = r + this output, and the next RMSNorm's input: h · g, partial sums of h²
+        r = tl.load(r_ptr + rows[None, :] * s_r + cols[:, None], mask=ok, other=0.0)
+        h = (acc.to(ty).to(tl.float32) + r.to(tl.float32)).to(ty)
+        tl.store(h_ptr + rows[None, :] * s_h + cols[:, None], h, mask=ok)
+        hf = tl.where(ok, h.to(tl.float32), 0.0)
+        tl.store(sq_ptr + tl.program_id(0) * BLOCK_M + rows, tl.sum(hf * hf, 0))
+        acc = hf * tl.load(g_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(o_ptr + rows[None, :] * s_o + cols[:, None], acc.to(ty), mask=ok)
 
 
@@ -102,8 +133,9 @@ def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.is_cuda and w.dtype in (torch.float16, torch.bfloat16) and x.dtype == w.dtype
 
 
-def _launch(x, w, bias, n_out, swiglu, config):
-    """The Triton form, or None where it does not run (see `supported`)."""
+def _launch(x, w, bias, n_out, swiglu, config, pre=None, epi=None):
+    """The Triton form, or None where it does not run (see `supported`). `pre`: a `Normed` input (`x` is ``h · g``,
+    scaled by its rows' ``1 / rms`` in the epilogue); `epi`: ``(residual, g, h, sq)``, the epilogue's outputs."""
     B, K = x.shape
     cfg = config or DEFAULT_CONFIG
     block_k = cfg.block_k
@@ -111,11 +143,23 @@ def _launch(x, w, bias, n_out, swiglu, config):
         block_k //= 2
     if not supported(x, w) or block_k < 16 or x.stride(-1) != 1 or w.stride(-1) != 1:
         return None
+    grid = triton.cdiv(n_out, cfg.block_n)
+    r, g, h, sq = epi if epi is not None else (x, w, x, None)
+    if pre is not None:
+        sq, eps = pre.sq, pre.eps
+    else:
+        eps = 0.0
+    if sq is None:
+        sq = x  # unused
+    npart = sq.shape[0] if pre is not None else grid
     out = torch.empty(B, n_out, dtype=x.dtype, device=x.device)
-    _linear_kernel[(triton.cdiv(n_out, cfg.block_n),)](
+    _linear_kernel[(grid,)](
         x, w, bias if bias is not None else w, out, B, n_out, K, x.stride(0), w.stride(0), out.stride(0),
+        r, g, h, sq, npart, float(eps), r.stride(0), h.stride(0),
         HAS_BIAS=bias is not None, UPCAST=x.device.type == "cpu", IEEE=x.dtype == torch.float32, SWIGLU=swiglu,
-        BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRE_NORM=pre is not None, EPI_NORM=epi is not None,
+        BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(npart),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 
@@ -147,3 +191,69 @@ def swiglu_linear(
         raise ValueError(f"swiglu_linear: w must stack gate and up rows, [2I, K]; got {tuple(w.shape)}")
     out = _launch(x, w, bias, w.shape[0] // 2, True, config)
     return silu_mul(F.linear(x, w, bias)) if out is None else out
+
+
+@dataclass
+class Normed:
+    """A projection's input that went through RMSNorm (Zhang & Sennrich 2019, eq. 4): either ``x`` = the normed rows
+    themselves (``sq`` None), or, from `residual_norm_linear`'s Triton form, ``x = h · g`` and ``sq`` ``[P, 16]``,
+    per-program partial sums of ``h²``, whose total over ``P`` gives each row's ``1 / sqrt(mean(h²) + eps)``."""
+
+    x: torch.Tensor
+    sq: torch.Tensor | None
+    eps: float
+
+
+def residual_norm_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    norm_w: torch.Tensor,
+    eps: float,
+    *,
+    config: LinearConfig | None = None,
+) -> tuple[torch.Tensor, Normed]:
+    """A projection, the residual add after it, and the next RMSNorm: ``h = residual + F.linear(x, w, bias)``,
+    ``(h, RMSNorm(h) · norm_w)``, what `decode_linear` then `fused_ops.rms_norm` compute, in one launch.
+
+    The norm needs a whole row of ``h`` and a program owns a few columns, so it is split at
+    ``(h · s · g) W^T = s · ((h · g) W^T)`` (``s = 1 / sqrt(mean(h²) + eps)`` per row): this epilogue writes ``h``,
+    ``h · g`` and its columns' sum of ``h²``; `normed_linear` scales its sums by ``s`` in its own epilogue. The
+    normed input is then rounded as ``h · g`` where `rms_norm` rounds ``h · s``, then ``g ·`` that: equal to the
+    16-bit type's rounding (tests/test_linear.py against float64); ``h`` is bit for bit `rms_norm`'s. Where the
+    Triton form does not run (see `supported`), the two launches."""
+    _check(x, w, "residual_norm_linear")
+    n = w.shape[0]
+    if residual.shape != (x.shape[0], n) or norm_w.shape != (n,):
+        raise ValueError(
+            f"residual_norm_linear: residual {tuple(residual.shape)} and norm_w {tuple(norm_w.shape)} must be "
+            f"[{x.shape[0]}, {n}] and [{n}], the projection's output"
+        )
+    cfg = config or DEFAULT_CONFIG
+    h = torch.empty_like(residual)
+    sq = torch.empty(triton.cdiv(n, cfg.block_n), MAX_ROWS, dtype=torch.float32, device=x.device)
+    out = None
+    if residual.stride(-1) == 1 and residual.dtype == x.dtype and n % 16 == 0:  # n: normed_linear's K, in 16s
+        out = _launch(x, w, bias, n, False, cfg, epi=(residual, norm_w, h, sq))
+    if out is not None:
+        return h, Normed(out, sq, eps)
+    h, y = rms_norm(residual, norm_w, eps, residual=decode_linear(x, w, bias, config=config))
+    return h, Normed(y, None, eps)
+
+
+def normed_linear(
+    x: Normed, w: torch.Tensor, bias: torch.Tensor | None = None, *, swiglu: bool = False, config=None
+) -> torch.Tensor:
+    """`decode_linear` (or with ``swiglu`` `swiglu_linear`) of a `Normed` input: of its rows themselves, or, from
+    `residual_norm_linear`'s Triton form, of ``h · g`` with each row's sums scaled by its ``1 / rms`` before the
+    bias and SwiGLU."""
+    if x.sq is None:
+        return (swiglu_linear if swiglu else decode_linear)(x.x, w, bias, config=config)
+    _check(x.x, w, "normed_linear")
+    if swiglu and w.shape[0] % 2:
+        raise ValueError(f"normed_linear: swiglu wants w stacking gate and up rows, [2I, K]; got {tuple(w.shape)}")
+    out = _launch(x.x, w, bias, w.shape[0] // 2 if swiglu else w.shape[0], swiglu, config, pre=x)
+    if out is None:
+        raise ValueError("normed_linear: a partial-sum input from a form that does not run here")
+    return out
