@@ -158,7 +158,8 @@ def _launch(x, w, bias, n_out, swiglu, config, pre=None, epi=None):
         r, g, h, sq, npart, float(eps), r.stride(0), h.stride(0),
         HAS_BIAS=bias is not None, UPCAST=x.device.type == "cpu", IEEE=x.dtype == torch.float32, SWIGLU=swiglu,
         PRE_NORM=pre is not None, EPI_NORM=epi is not None,
-        BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(npart),
+        BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        BLOCK_P=triton.next_power_of_2(npart) if pre is not None else 1,  # else unused: no specialisation per N
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
@@ -231,13 +232,13 @@ def residual_norm_linear(
             f"[{x.shape[0]}, {n}] and [{n}], the projection's output"
         )
     cfg = config or DEFAULT_CONFIG
-    h = torch.empty_like(residual)
-    sq = torch.empty(triton.cdiv(n, cfg.block_n), MAX_ROWS, dtype=torch.float32, device=x.device)
-    out = None
-    if residual.stride(-1) == 1 and residual.dtype == x.dtype and n % 16 == 0:  # n: normed_linear's K, in 16s
+    # n is the normed rows' K in normed_linear: whole 16s there
+    if residual.stride(-1) == 1 and residual.dtype == x.dtype and n % 16 == 0 and supported(x, w):
+        h = torch.empty_like(residual)
+        sq = torch.empty(triton.cdiv(n, cfg.block_n), MAX_ROWS, dtype=torch.float32, device=x.device)
         out = _launch(x, w, bias, n, False, cfg, epi=(residual, norm_w, h, sq))
-    if out is not None:
-        return h, Normed(out, sq, eps)
+        if out is not None:
+            return h, Normed(out, sq, eps)
     h, y = rms_norm(residual, norm_w, eps, residual=decode_linear(x, w, bias, config=config))
     return h, Normed(y, None, eps)
 
@@ -254,6 +255,7 @@ def normed_linear(
     if swiglu and w.shape[0] % 2:
         raise ValueError(f"normed_linear: swiglu wants w stacking gate and up rows, [2I, K]; got {tuple(w.shape)}")
     out = _launch(x.x, w, bias, w.shape[0] // 2 if swiglu else w.shape[0], swiglu, config, pre=x)
-    if out is None:
-        raise ValueError("normed_linear: a partial-sum input from a form that does not run here")
+    if out is None:  # residual_norm_linear made partial sums, so its Triton form ran for these rows and dtype
+        raise ValueError(f"normed_linear: partial sums given, but the Triton form does not run for w {w.dtype} "
+                         f"{tuple(w.shape)} on {w.device} (see `supported`)")  # fmt: skip
     return out
