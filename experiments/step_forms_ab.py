@@ -16,7 +16,9 @@ differently, so random weights' near-tied logits may part).
         --forms norm-launch,current --out results/bench/step_forms_ab_norm_h200.json
 
 results/bench/step_forms_ab_h200.json is the run of ``cublas-qkv-gu`` against what is now ``norm-launch``;
-step_forms_ab_normloop_h200.json's ``current`` is a form not kept, the norm folded into the consumer's tile loads.
+step_forms_ab_normloop_h200.json's ``current`` is a form not kept, the norm folded into the consumer's tile loads;
+step_forms_ab_early_h200.json's ``current`` is another, the norm operands loaded before the K loop, against
+``late-norm-loads``, the form kept (loads in the epilogue).
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ So the decode step's RMSNorms go to epilogues (`residual_norm_linear`, `normed_l
 projections add the residual and write ``h``, ``h · w_norm`` and their columns' partial sums of ``h²``; q/k/v and
 gate/up scale their sums by each row's ``1 / rms`` from those partials. Two launches fewer per layer: 0.077-0.086 ms
 off a step at batch 1 and 4, budget 0.1 (experiments/step_forms_ab.py, results/bench/step_forms_ab_norm_h200.json);
-the same fold in the consumer's loads made it 1.1 ms slower (step_forms_ab_normloop_h200.json).
+the same fold in the consumer's loads made it 1.1 ms slower (step_forms_ab_normloop_h200.json). Loading the norm
+operands (the partial sums; the residual and the norm weight) before the K loop rather than in the epilogue, to
+overlap their latency with the weight stream, was slower too: 4.007 → 4.090 ms at batch 1, 2K prompt, budget 0.1,
+4.421 → 4.497 at 128K (results/bench/step_forms_ab_early_h200.json, a draft's `LinearConfig.early_loads`, not kept).
 """
 
 from __future__ import annotations
