@@ -212,12 +212,15 @@ def first_diffs(ref: list[list[int]], out: list[list[int]]) -> list[int | None]:
 def run_fast(adapter, name, budget, inputs, new_tokens, repeats, device, fused=None, check=False) -> dict:
     """`generate_fast` end to end (graph-safe per-token rules inside the captured step), after one untimed run per
     preset and point at the point's own size (kernels compiled, and the caching allocator grown to the preset's
-    buffers: session 3 timed the presets of the large points from one run each, which included that growth);
+    buffers: session 3 timed the presets of the large points from one run each, which included that growth). The
+    untimed run generates as many tokens as the timed ones: with 4, the reserved capacities differed, and a
+    capacity that Triton specialises differently (a multiple of 16 or not) compiled kernels inside a timed run's
+    setup (Elastic's and H2O's 0.9-1.1 s setups at (1, 2K) on 2026-11-22; PyramidKV's 0.9 s at (4, 32K) before);
     `check`: also the simple loop (`generate`), and whether its greedy tokens equal the fast path's."""
     kw = dict(stop_at_eos=False, graph_safe_rules=True, fused=fused)
     shape = tuple(inputs["input_ids"].shape)
-    if (name, fused, shape) not in WARMED:
-        generate_fast(adapter, build_policy(PRESETS[name], budget), inputs, 4, **kw)
+    if (name, fused, shape) not in WARMED:  # as many tokens as timed: the same capacities, so the same
+        generate_fast(adapter, build_policy(PRESETS[name], budget), inputs, new_tokens, **kw)  # specialisations
         WARMED.add((name, fused, shape))
     rows = []
     for _ in range(repeats):
