@@ -21,7 +21,7 @@ Prints one table and writes JSON to ``--out``. Imports torch, triton, transforme
 
 Usage: python experiments/bench_rules.py [--points 1x2048,1x32768,1x131072,64x2048] [--rules h2o,fixed_point,rolling]
        [--repeats 20] [--iters 10] [--min-per-split N] [--block-n N] [--block-s N] [--num-warps N]
-       [--precision ieee|tf32x3] [--tiny] [--out PATH]
+       [--precision ieee|tf32x3] [--kernels] [--tiny] [--out PATH]
 """
 
 from __future__ import annotations
@@ -198,6 +198,23 @@ def launches(rule_name: str, batch: int, cap: int, shape: Shape, device) -> str:
     return "1"
 
 
+def kernel_times(runner, steps: int = 5) -> dict[str, float]:
+    """µs per step of each kernel in the runner's captured step (appends included), by kernel name."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner.run()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            out[e.name[:60]] = out.get(e.name[:60], 0.0) + e.time_range.elapsed_us() / steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def bench_point(rule_name, batch, prompt, shape, device, args) -> dict:
     keep = math.ceil(BUDGET * prompt)
     gen = torch.Generator(device).manual_seed(1)
@@ -226,6 +243,8 @@ def bench_point(rule_name, batch, prompt, shape, device, args) -> dict:
     row.update(check)
     for name in ("torch", "triton"):
         row[f"{name}_step_ms"] = runners[name].time_ms(args.repeats, args.iters)
+    if args.kernels and device.type == "cuda":
+        row["triton_kernels_us"] = kernel_times(runners["triton"])
     del rules, caches, runners
     _, cache = build(rule_name, batch, prompt, shape, device, seed=0)
     row["append_ms"] = Runner(make_step(None, cache, inputs), "triton", args.warmup, device).time_ms(
@@ -252,6 +271,7 @@ def main() -> None:
     p.add_argument("--num-warps", type=int, help="rule_ops.RuleConfig override")
     p.add_argument("--precision", choices=["ieee", "tf32x3"], help="H2O's logits (rule_ops.RuleConfig)")
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU under TRITON_INTERPRET=1, or CUDA)")
+    p.add_argument("--kernels", action="store_true", help="also each Triton-form kernel's µs per step (profiler)")
     p.add_argument("--out", default="results/bench/rules_h200.json")
     args = p.parse_args()
 
@@ -281,6 +301,8 @@ def main() -> None:
                 print(f"{point:>9} {rule_name:>11} {r['capacity']:>6} {r['append_ms']:7.3f} {r['torch_rule_ms']:7.3f} "
                       f"{r['triton_rule_ms']:7.3f} {r['speedup']:6.1f}  {r['triton_launches_per_layer']:<8}  "
                       f"{r['equal']} ({r['rows_differing']} rows differ)", flush=True)  # fmt: skip
+                for k, us in r.get("triton_kernels_us", {}).items():
+                    print(f"{'':>22} {us:9.1f} us/step  {k}")
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
         "torch": torch.__version__,
