@@ -9,7 +9,7 @@ graph. This step computes the same function as the model's forward with the comp
     h, x = residual_norm_linear(a, W_o, h, w_post)  # h += a @ W_o, x = RMSNorm(h): the norm in the epilogue
     h, x = residual_norm_linear(swiglu(x @ W_gate_up), W_down, h, w_in')  # SwiGLU in gate/up's epilogue
 
-so four or five launches per layer instead of fifty, up to 16 sequences with 16-bit weights (beyond, the norms and
+so five or six launches per layer instead of fifty, up to 16 sequences with 16-bit weights (beyond, the norms and
 SwiGLU are launches of their own, `rms_norm` and `silu_mul`, and the projections cuBLAS's: seven or eight). Up to
 16 sequences the four projections are Triton kernels (`vlcache.kernels.linear`): the output and down projections
 without cuBLAS's split-K reduction launch, q/k/v a little faster than cuBLAS, and gate/up with SwiGLU applied in
