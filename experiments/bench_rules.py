@@ -20,7 +20,7 @@ Prints one table and writes JSON to ``--out``. Imports torch, triton, transforme
 ``--tiny``: small shapes, on the CPU under ``TRITON_INTERPRET=1`` (no graphs, host clock) to check the script.
 
 Usage: python experiments/bench_rules.py [--points 1x2048,1x32768,1x131072,64x2048] [--rules h2o,fixed_point,rolling]
-       [--repeats 20] [--iters 10] [--min-per-split N] [--block-n N] [--block-s N] [--num-warps N]
+       [--repeats 20] [--iters 10] [--min-per-split N] [--block-n N] [--block-s N] [--num-warps N] [--shift-warps N]
        [--precision ieee|tf32x3] [--kernels] [--tiny] [--out PATH]
 """
 
@@ -269,6 +269,7 @@ def main() -> None:
     p.add_argument("--block-n", type=int, help="rule_ops.RuleConfig override (H2O key tile, split unit)")
     p.add_argument("--block-s", type=int, help="rule_ops.RuleConfig override (shift tile)")
     p.add_argument("--num-warps", type=int, help="rule_ops.RuleConfig override")
+    p.add_argument("--shift-warps", type=int, help="rule_ops.RuleConfig override (the shift launch's warps)")
     p.add_argument("--precision", choices=["ieee", "tf32x3"], help="H2O's logits (rule_ops.RuleConfig)")
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU under TRITON_INTERPRET=1, or CUDA)")
     p.add_argument("--kernels", action="store_true", help="also each Triton-form kernel's µs per step (profiler)")
@@ -284,7 +285,7 @@ def main() -> None:
         args.repeats, args.iters, args.check_steps = min(args.repeats, 2), min(args.iters, 2), min(args.check_steps, 5)
         args.min_per_split = args.min_per_split or 32  # rows of a few hundred entries still split
         args.block_n = args.block_n or 16
-    names = ("min_per_split", "block_n", "block_s", "num_warps", "precision")
+    names = ("min_per_split", "block_n", "block_s", "num_warps", "shift_warps", "precision")
     over = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     rule_ops.DEFAULT_CONFIG = dataclasses.replace(rule_ops.DEFAULT_CONFIG, **over)
 

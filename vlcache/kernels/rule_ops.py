@@ -53,11 +53,18 @@ _BIG = tl.constexpr(2**62)  # the index of "no candidate" in partial argmins
 class RuleConfig:
     """Launch parameters. A row is split into at most ``max_splits`` chunks of at least ``min_per_split`` entries
     (of the capacity), aiming at ``waves × SMs`` programs; ``block_n`` is the unit of a chunk and H2O's key tile,
-    ``block_s`` the shift's tile. ``precision``: how H2O's float32 logits are computed (``"auto"``: ``"split"`` for
-    16-bit keys, ``"ieee"`` for float32 ones): ``"split"``, the scaled query as three parts of the keys' 16-bit type
-    (their sum is the query to float32 precision) on tensor cores, each part's products with a key exact in
-    float32, so the logits agree with the float32 form to float32 rounding; ``"ieee"``, float32 FMAs (on 16-bit keys
-    they spill registers: slow); ``"tf32x3"``, tensor cores on float32 operands (about 2^-21 relative).
+    ``block_s`` the shift's tile, ``shift_warps`` its warps. ``precision``: how H2O's float32 logits are computed
+    (``"auto"``: ``"split"`` for 16-bit keys, ``"ieee"`` for float32 ones): ``"split"``, the scaled query as three
+    parts of the keys' 16-bit type (their sum is the query to float32 precision) on tensor cores, each part's
+    products with a key exact in float32, so the logits agree with the float32 form to float32 rounding; ``"ieee"``,
+    float32 FMAs (on 16-bit keys they spill registers: slow); ``"tf32x3"``, tensor cores on float32 operands (about
+    2^-21 relative).
+
+    ``shift_warps`` 8 rather than ``num_warps``' 4: a shift program's serial tiles (load all, then store all: their
+    sources and destinations overlap) spread over more threads. On an H200 (bench_rules.py --kernels) H2O's shift took
+    862 against 953 µs a step at batch 1, 128K prompt, and 761 against 851 at batch 64, 2K; the fixed point's update
+    0.446 against 0.489 ms at batch 64, 2K (results/bench/rules_h2o_warps_h200.json, rules_fp_warps_h200.json). H2O's
+    logits and scores passes were slower with 8 (634 against 469 µs at batch 1, 128K), so they keep ``num_warps``.
 
     ``min_per_split`` 64 rather than 256: H2O's rows of a few hundred to a few thousand entries then split, which
     cut its update at batch 1 by about a third on an H200 (experiments/bench_rules.py, results/bench/rules_h2o_mps*).
@@ -71,11 +78,11 @@ class RuleConfig:
     min_per_split: int = 64
     max_splits: int = 64
     num_warps: int = 4
+    shift_warps: int = 8
     precision: str = "auto"
 
 
 DEFAULT_CONFIG = RuleConfig()
-FIXED_POINT_WARPS = 8  # `drop_fixed_point_`'s, where no config is given
 
 
 def supported(t: torch.Tensor) -> bool:
@@ -357,7 +364,7 @@ def _shift(
             *strides, a.stride(0), a.stride(1), *s_c,
             RULE=rule, FROM_NBUF=nchunk > 1 or parts is not None, HAS_EXTRA=extra is not None,
             ZERO_EXTRA=zero_extra, SIDE=side, BLOCK_P=triton.next_power_of_2(nchunk), BLOCK_N=config.block_n,
-            BLOCK_S=config.block_s, BLOCK_D=block_d, num_warps=config.num_warps, enable_fp_fusion=rule != 3,
+            BLOCK_S=config.block_s, BLOCK_D=block_d, num_warps=config.shift_warps, enable_fp_fusion=rule != 3,
         )  # fmt: skip
 
 
@@ -407,11 +414,7 @@ def drop_fixed_point_(
     """Elastic Cache's fixed-point elimination (FixedPoint.on_token_static): with `limit = ceil(budget · (prompt
     length + seen − m) − eps)` (`consts` = float64 `[budget, eps]`, `seen` the device token count), deletes the
     `excess = length − limit` entries from `min(N_tl, length − 1, length − excess)` on. One program per row:
-    `excess` is unbounded but the moved span (from `N_tl` to the end) is short. By default with
-    `FIXED_POINT_WARPS` warps: its programs' few serial tiles then spread over more threads (on an H200 the update
-    took 0.446 against 0.489 ms a step at batch 64, 2K prompt, and 0.043 against 0.056 at batch 1, 128K;
-    bench_rules.py --rules fixed_point --num-warps 8, results/bench/rules_fp_warps_h200.json)."""
-    config = config or dataclasses.replace(DEFAULT_CONFIG, num_warps=FIXED_POINT_WARPS)
+    `excess` is unbounded but the moved span (from `N_tl` to the end) is short."""
     _shift(keys, values, positions, length, None, rule=3, a=n_tl, c=prompt_lengths, consts=consts, seen=seen, m_off=m,
            chunks=1, config=config)  # fmt: skip
 
