@@ -17,7 +17,8 @@ prompt, budget) point, in three forms:
 Answer on an H200 (2026-11-22): no. The prefetch made every layer slower by about the time it takes to read `W_o`
 once (31.6 → 39.1 µs per layer at (1, 128K), 21.5 → 28.7 at (1, 32K), budget 0.1; 146.7 → 160.6 at (1, 128K),
 budget 1.0), joined at the end or before each projection alike: the read did not overlap the attention, nor did
-the projection find the weights in L2. Not taken into the step.
+the projection find the weights in L2. Not taken into the step. (That run timed each graph with CUDA events around
+single replays, a timer of the probe's own; the probe now uses bench_decode's `graph_ms`.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from experiments.bench_decode import graph_ms
 from experiments.decode_kernel_sweep import HQ, LAYERS, D, layers
 from vlcache.kernels.decode_attention import decode_attention
 from vlcache.kernels.linear import decode_linear
@@ -46,28 +48,6 @@ def _prefetch_kernel(w_ptr, n, sink_ptr, BLOCK: tl.constexpr):
 def prefetch(w: torch.Tensor, sink: torch.Tensor, block: int = 8192) -> None:
     n = w.numel()
     _prefetch_kernel[(triton.cdiv(n, block),)](w, n, sink, BLOCK=block, num_warps=8)
-
-
-def graph_time(fn, reps: int = 50) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(10):
-        g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -107,7 +87,7 @@ def main() -> None:
             times: dict[str, list[float]] = {f: [] for f in forms}
             for _ in range(args.rounds):
                 for f, fn in forms.items():
-                    times[f].append(graph_time(fn) * 1e3 / LAYERS)
+                    times[f].append(graph_ms(fn) * 1e3 / LAYERS)
             med = {f: sorted(t)[len(t) // 2] for f, t in times.items()}
             rows.append(dict(point=point, budget=budget, us_per_layer=med, all=times))
             print(f"{point} budget {budget}: " + "  ".join(f"{f} {v:6.2f}" for f, v in med.items()) + " us/layer",

@@ -11,7 +11,7 @@
    budgets (VL-Cache) allocate what they keep rather than the batch's longest row for every sequence;
 3. decode attention through the ragged Triton kernel, over each layer's, KV head's and sequence's own valid
    entries; for Llama-family language models the whole step runs as `FusedDecoder` (vlcache/engine/
-   fused_decode.py: six or seven launches per layer), for the others through the model's modules
+   fused_decode.py: five or six launches per layer up to 16 sequences), for the others through the model's modules
    (`ForwardContext.fast_decode`);
 4. on CUDA, one decode step (model forward, argmax, position increment, finished mask, token store) is run
    once as warm-up (it is decode step 1, and compiles the kernels), captured in a `torch.cuda.CUDAGraph`,
@@ -93,7 +93,7 @@ def generate_fast(
         graph_safe_rules: use a per-token rule's graph-safe update when it has one, inside the captured step
             (checked on an H200: tests/test_fast_decode.py's gpu tests, and experiments/bench_decode.py's float32
             token check at real size); False runs the rule's eager `on_token` without a graph.
-        fused: run each step through `FusedDecoder` (vlcache/engine/fused_decode.py: six or seven launches per layer
+        fused: run each step through `FusedDecoder` (vlcache/engine/fused_decode.py: five or six launches per layer
             instead of transformers' fifty); None: where the model supports it, False: the model's own modules.
     """
     pre = prefill_and_compress(adapter, policy, inputs)

@@ -147,14 +147,11 @@ def _launch(x, w, bias, n_out, swiglu, config, pre=None, epi=None):
     if not supported(x, w) or block_k < 16 or x.stride(-1) != 1 or w.stride(-1) != 1:
         return None
     grid = triton.cdiv(n_out, cfg.block_n)
-    r, g, h, sq = epi if epi is not None else (x, w, x, None)
-    if pre is not None:
-        sq, eps = pre.sq, pre.eps
-    else:
-        eps = 0.0
-    if sq is None:
-        sq = x  # unused
-    npart = sq.shape[0] if pre is not None else grid
+    if epi is not None:
+        r, g, h, sq = epi
+    else:  # pointers the kernel does not touch, but for the partial sums a normed input reads
+        r, g, h, sq = x, w, x, pre.sq if pre is not None else x
+    npart, eps = (sq.shape[0], pre.eps) if pre is not None else (grid, 0.0)
     out = torch.empty(B, n_out, dtype=x.dtype, device=x.device)
     _linear_kernel[(grid,)](
         x, w, bias if bias is not None else w, out, B, n_out, K, x.stride(0), w.stride(0), out.stride(0),
