@@ -13,7 +13,8 @@ One decode step's rule work is, for every layer, the append of a random entry (`
 appends + the Triton form; a graph is replayed ``--iters`` times between CUDA events, median over ``--repeats``
 (after ``--warmup`` eager steps). The rule's cost is the step minus the appends. Before timing, both forms run
 ``--check-steps`` steps on the same random inputs and their caches are compared (same lengths, same valid keys,
-values and positions; H2O's scores allclose). A difference fails the run, except H2O's, which is reported: its
+values and positions; H2O's scores allclose; H2O's entries in position order, as its Triton form fills a victim's
+slot with the row's last entry). A difference fails the run, except H2O's, which is reported: its
 victim is an argmin of float32 scores that round differently where rows split (experiments/h2o_split_check.py).
 
 Prints one table and writes JSON to ``--out``. Imports torch, triton, transformers and vlcache only (no hydra).
@@ -21,7 +22,7 @@ Prints one table and writes JSON to ``--out``. Imports torch, triton, transforme
 
 Usage: python experiments/bench_rules.py [--points 1x2048,1x32768,1x131072,64x2048] [--rules h2o,fixed_point,rolling]
        [--repeats 20] [--iters 10] [--min-per-split N] [--block-n N] [--block-s N] [--num-warps N] [--shift-warps N]
-       [--precision ieee|tf32x3] [--kernels] [--tiny] [--out PATH]
+       [--precision ieee|tf32x3] [--h2o-finish fused|launch] [--kernels] [--tiny] [--out PATH]
 """
 
 from __future__ import annotations
@@ -172,18 +173,36 @@ class Runner:
         return statistics.median(times)
 
 
+def _by_position(layer, *tensors):
+    """`tensors` (`[B, H, cap, ...]`) with each row's valid entries in position order (H2O's Triton form leaves
+    them unordered), the spare room after them."""
+    valid = torch.arange(layer.capacity, device=layer.length.device) < layer.length[..., None]
+    order = torch.where(valid, layer.positions, 2**62).argsort(-1)
+    out = []
+    for t in tensors:
+        idx = order.view(*order.shape, *[1] * (t.dim() - 3)).expand_as(t)
+        out.append(t.gather(2, idx))
+    return out
+
+
 def compare(rules, caches, rule_name: str) -> dict:
-    """Rows whose valid entries differ between the two forms (and H2O's largest score difference)."""
+    """Rows whose valid entries differ between the two forms (and H2O's largest score difference); H2O's in
+    position order."""
     differ, score_err = 0, 0.0
     for i, (a, b) in enumerate(zip(caches[0].layers, caches[1].layers)):
         same = a.length == b.length
         valid = torch.arange(a.capacity, device=a.length.device) < torch.minimum(a.length, b.length)[..., None]
-        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+        extra = [rules[0].scores[i], rules[1].scores[i]] if rule_name == "h2o" else [a.positions, b.positions]
+        ta = [a.keys, a.values, a.positions, extra[0]]
+        tb = [b.keys, b.values, b.positions, extra[1]]
+        if rule_name == "h2o":
+            ta, tb = _by_position(a, *ta), _by_position(b, *tb)
+        for x, y in zip(ta[:2], tb[:2]):
             same &= ((x == y).all(-1) | ~valid).all(-1)
-        same &= ((a.positions == b.positions) | ~valid).all(-1)
+        same &= ((ta[2] == tb[2]) | ~valid).all(-1)
         differ += int((~same).sum())
         if rule_name == "h2o":
-            s, t = rules[0].scores[i], rules[1].scores[i]
+            s, t = torch.where(valid, ta[3], 0.0), torch.where(valid, tb[3], 0.0)
             score_err = max(score_err, float(((s - t).abs() / (t.abs() + 1e-6)).max()))
     return {"rows_differing": differ, "equal": differ == 0, "h2o_score_max_rel_err": score_err}
 
@@ -191,7 +210,7 @@ def compare(rules, caches, rule_name: str) -> dict:
 def launches(rule_name: str, batch: int, cap: int, shape: Shape, device) -> str:
     """The Triton form's launches per layer (rule_ops.py), from the row split the shapes give."""
     n = rule_ops.num_splits(batch * shape.kv_heads, cap, device)
-    if rule_name == "h2o":
+    if rule_name == "h2o":  # logits, scores, victim (the fused step's attention writes the logits: one fewer)
         return "1" if n == 1 else "3"
     if rule_name == "rolling":
         return ("1" if n == 1 else "2") + " + sink re-rotation (PyTorch)"
@@ -271,6 +290,7 @@ def main() -> None:
     p.add_argument("--num-warps", type=int, help="rule_ops.RuleConfig override")
     p.add_argument("--shift-warps", type=int, help="rule_ops.RuleConfig override (the shift launch's warps)")
     p.add_argument("--precision", choices=["ieee", "tf32x3"], help="H2O's logits (rule_ops.RuleConfig)")
+    p.add_argument("--h2o-finish", choices=["fused", "launch"], help="H2O's victim pick (rule_ops.RuleConfig)")
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU under TRITON_INTERPRET=1, or CUDA)")
     p.add_argument("--kernels", action="store_true", help="also each Triton-form kernel's µs per step (profiler)")
     p.add_argument("--out", default="results/bench/rules_h200.json")
@@ -285,7 +305,7 @@ def main() -> None:
         args.repeats, args.iters, args.check_steps = min(args.repeats, 2), min(args.iters, 2), min(args.check_steps, 5)
         args.min_per_split = args.min_per_split or 32  # rows of a few hundred entries still split
         args.block_n = args.block_n or 16
-    names = ("min_per_split", "block_n", "block_s", "num_warps", "shift_warps", "precision")
+    names = ("min_per_split", "block_n", "block_s", "num_warps", "shift_warps", "precision", "h2o_finish")
     over = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     rule_ops.DEFAULT_CONFIG = dataclasses.replace(rule_ops.DEFAULT_CONFIG, **over)
 

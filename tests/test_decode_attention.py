@@ -190,6 +190,15 @@ def _unpack(t, bounds, caps):
     return out
 
 
+def _step_inputs(b, hq, hkv, d, dtype):
+    """A fused q/k/v projection row per sequence, RoPE's cos and sin, and the token count."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=g) * 2).to(dtype).to(DEVICE)
+    angle = torch.randn(b, d // 2, generator=g) * 3
+    cos, sin = (f(torch.cat([angle, angle], -1)).to(dtype).to(DEVICE) for f in (torch.cos, torch.sin))
+    return qkv, cos, sin, torch.tensor(301, device=DEVICE)
+
+
 APPEND_CASES = [  # (caps per sequence, lengths [B, Hkv]): empty rows, full rows (no room: nothing appended), odd;
     # the first has one capacity, so it is also the padded case
     ([37, 37, 37], [[0, 36], [37, 5], [20, 1]]),
@@ -214,11 +223,7 @@ def test_rope_append_attention(backend, splits, dtype, group, d, ragged, caps, l
 
     hkv, hq, b = 2, 2 * group, len(caps)
     lengths = torch.tensor(lengths)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=g) * 2).to(dtype).to(DEVICE)
-    angle = torch.randn(b, d // 2, generator=g) * 3
-    cos, sin = (f(torch.cat([angle, angle], -1)).to(dtype).to(DEVICE) for f in (torch.cos, torch.sin))
-    seen = torch.tensor(301, device=DEVICE)
+    qkv, cos, sin, seen = _step_inputs(b, hq, hkv, d, dtype)
     if ragged:
         _, _, (k, v), bounds, length = _ragged_inputs(caps, lengths.clone(), hkv, group, d, dtype, backend)
         positions = torch.full(k.shape[:3], -1, dtype=torch.long, device=DEVICE)
@@ -241,3 +246,56 @@ def test_rope_append_attention(backend, splits, dtype, group, d, ragged, caps, l
     ref = reference(q, k_ref, v_ref, new_len, d**-0.5)
     assert out.shape == (b, hq, 1, d) and torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    ("backend", "splits"), [("torch", None)] + [("triton", s) for s in (None, 1, 3) if "triton" in BACKENDS]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize(
+    ("cap", "lengths"), [(37, [[0, 36], [37, 5], [20, 1]]), (203, [[202, 0], [117, 64], [3, 200]])]
+)
+def test_rope_append_attention_logits(backend, splits, dtype, group, cap, lengths):
+    """`logits=`: each valid entry's logit (the new one included) times log2(e), and per split a log2-sum-exp2
+    whose total is the row's, against float64; the attention itself unchanged (bit for bit)."""
+    from vlcache.kernels.decode_attention import rope_append_attention
+
+    hkv, hq, b, d = 2, 2 * group, 3, 32
+    lengths = torch.tensor(lengths)
+    qkv, cos, sin, seen = _step_inputs(b, hq, hkv, d, dtype)
+    _, k, v, length = _inputs(b, hkv, group, cap, d, dtype, lengths.clone(), backend=backend)
+    positions = torch.full(k.shape[:3], -1, dtype=torch.long, device=DEVICE)
+    bufs = [t.clone() for t in (k, v, length, positions)]
+    lg = torch.full((b * hkv + 1, group + 1, cap + 5), 7.0, device=DEVICE)  # larger than needed: strides
+    lse = torch.full((b, hq, 64), 7.0, device=DEVICE)
+    q, out = rope_append_attention(
+        qkv, cos, sin, k, v, length, positions, seen, hq, backend=backend, splits=splits, logits=(lg, lse)
+    )
+    _, plain = rope_append_attention(qkv, cos, sin, *bufs[:3], bufs[3], seen, hq, backend=backend, splits=splits)
+    assert torch.equal(out, plain)
+    qd, kd = q.double().cpu(), k.double().cpu()
+    for i in range(b):
+        for h in range(hq):
+            n = int(length[i, h // group])
+            want = (kd[i, h // group, :n] @ qd[i, h, 0]) * d**-0.5 / torch.log(torch.tensor(2.0, dtype=torch.float64))
+            got = lg[i * hkv + h // group, h % group, :n].double().cpu()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            total = torch.logsumexp(lse[i, h].double().cpu() * torch.log(torch.tensor(2.0)).double(), 0)
+            want_lse = torch.logsumexp(want * torch.log(torch.tensor(2.0)).double(), 0)
+            torch.testing.assert_close(total, want_lse, rtol=1e-5, atol=1e-5)
+            if splits == 3:
+                assert torch.isfinite(lse[i, h, :3]).any() and (lse[i, h, 3:] == float("-inf")).all()
+
+
+def test_logits_need_the_padded_layout_and_room():
+    from vlcache.kernels.decode_attention import _check_logits
+
+    lg, lse = torch.zeros(4, 2, 10), torch.zeros(2, 4, 8)
+    _check_logits((lg, lse), 2, 4, 2, 10, 8, False)
+    with pytest.raises(ValueError, match="padded"):
+        _check_logits((lg, lse), 2, 4, 2, 10, 8, True)
+    with pytest.raises(ValueError, match="too small"):
+        _check_logits((lg, lse), 2, 4, 2, 11, 8, False)
+    with pytest.raises(ValueError, match="power of 2"):
+        _check_logits((lg, torch.zeros(2, 4, 6)), 2, 4, 2, 10, 4, False)

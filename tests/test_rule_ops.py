@@ -7,6 +7,7 @@ step after step, on the same random caches. Interpreter on the CPU (`TRITON_INTE
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from vlcache.cache import CompressedCache, CompressedLayer
 from vlcache.kernels import rule_ops
+from vlcache.kernels.decode_attention import decode_attention
 from vlcache.kernels.rule_ops import RuleConfig, RuleScratch, shift_rows_
 from vlcache.policies.decode_rules import H2O, FixedPoint, Rolling
 
@@ -143,7 +145,9 @@ def _cache(seed, lengths, caps, d, dtype, key_scale=1.0):
         width = max(int(n.max()), 1)
         layer.update(_rand(gen, b, h, width, d, dtype=dtype) * key_scale, _rand(gen, b, h, width, d, dtype=dtype))
         layer.length = n.clone().to(DEVICE)
-        layer.positions = torch.randperm(b * h * width, generator=gen).view(b, h, width).to(DEVICE)
+        # distinct positions in each row's order (a compressed cache's), below the appended tokens'
+        layer.positions = torch.randperm(b * h * width, generator=gen).view(b, h, width).sort(-1).values.to(DEVICE)
+        layer.seen = b * h * width
     return cache
 
 
@@ -153,9 +157,18 @@ def _reserve(cache, caps, rule):
     rule.prepare_static(cache)
 
 
-def _run(rules, caches, steps, hq, seed, after=None, key_scale=1.0):
+def _row(layer, t, x, y, ordered=True):
+    """Row `(x, y)`'s valid entries of `t` (a tensor of `layer`'s shape), in slot order or in position order."""
+    n = int(layer.length[x, y])
+    row = t[x, y, :n]
+    return row if ordered else row[layer.positions[x, y, :n].argsort()]
+
+
+def _run(rules, caches, steps, hq, seed, after=None, key_scale=1.0, ordered=True, attend=False):
     """Appends one random entry per row to every layer and runs `on_token_static` (rules[0]: Triton, rules[1]:
-    PyTorch), checking after each layer that both caches hold the same entries in the same order."""
+    PyTorch), checking after each layer that both caches hold the same entries, in the same order (`ordered`) or
+    in any (H2O's Triton form: compared in position order). `attend`: the Triton rule's logits come from the
+    decode attention kernel (`attention_logits`), as in the fused step."""
     gen = torch.Generator().manual_seed(seed)
     layers = len(caches[0].layers)
     b, h, _, d = caches[0].layers[0].keys.shape
@@ -169,19 +182,23 @@ def _run(rules, caches, steps, hq, seed, after=None, key_scale=1.0):
                 layer = cache.layers[i]
                 layer.update(k, v)
                 storage.append([layer.keys.data_ptr(), layer.values.data_ptr(), layer.length.data_ptr()])
+                if attend and not which:
+                    decode_attention(q.to(dtype), layer.keys, layer.values, layer.length,
+                                     logits=rule.attention_logits(i, hq))  # fmt: skip
                 with torch_path() if which else contextlib.nullcontext():
                     rule.on_token_static(i, q.to(dtype), cache)
                 assert storage[-1] == [layer.keys.data_ptr(), layer.values.data_ptr(), layer.length.data_ptr()]
             mine, ref = caches[0].layers[i], caches[1].layers[i]
             assert torch.equal(mine.length, ref.length)
-            for (x, y), n in zip(torch.cartesian_prod(torch.arange(b), torch.arange(h)).tolist(), ref.length.flatten()):
+            for x, y in torch.cartesian_prod(torch.arange(b), torch.arange(h)).tolist():
                 for t in ("keys", "values", "positions"):
-                    assert torch.equal(getattr(mine, t)[x, y, :n], getattr(ref, t)[x, y, :n]), (t, x, y)
+                    got, want = _row(mine, getattr(mine, t), x, y, ordered), _row(ref, getattr(ref, t), x, y)
+                    assert torch.equal(got, want), (t, x, y)
             if after is not None:
                 after(i)
 
 
-def _h2o(group, dtype, split, steps, key_scale=1.0):
+def _h2o(group, dtype, split, steps, key_scale=1.0, attend=False):
     """Runs H2O on both paths and checks after every layer: scores allclose (0 past the length), the same victims
     and kept entries."""
     seed = int(torch.randint(0, 2**31, ()))
@@ -192,7 +209,7 @@ def _h2o(group, dtype, split, steps, key_scale=1.0):
     keep = lengths.clone()
     keep[0, 1, 1] += 2  # grows for two steps before evicting
     recent = torch.tensor([[0, 3], [1, 3]])
-    rules, caches, victims = [], [], []
+    rules, caches, victims, moved = [], [], [], []
     for _ in range(2):
         gen = torch.Generator().manual_seed(seed)
         cache = _cache(seed, lengths, caps, d, dtype, key_scale)
@@ -206,12 +223,17 @@ def _h2o(group, dtype, split, steps, key_scale=1.0):
 
     def check(i):
         mine, ref = rules[0].scores[i], rules[1].scores[i]
-        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
-        live = torch.arange(mine.shape[-1], device=DEVICE) < caches[0].layers[i].length[..., None]
+        layer, ref_layer = caches[0].layers[i], caches[1].layers[i]
+        for x, y in torch.cartesian_prod(torch.arange(2), torch.arange(h)).tolist():
+            got, want = _row(layer, mine, x, y, ordered=False), _row(ref_layer, ref, x, y)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        live = torch.arange(mine.shape[-1], device=DEVICE) < layer.length[..., None]
         assert not mine[~live].any()
-        victims.append(caches[0].layers[i].positions.clone())
+        victims.append(ref_layer.positions.clone())
+        moved.append(not torch.equal(layer.positions[live], ref_layer.positions[live]))
 
-    _run(rules, caches, steps, h * group, seed, check, key_scale)
+    _run(rules, caches, steps, h * group, seed, check, key_scale, ordered=False, attend=attend)
+    assert any(moved)  # the Triton form filled a victim's slot (not a shift)
     assert all((s.splits > 1) == split for s in rules[0].static_scratch)  # split: the three-launch path ran
     assert len({tuple(v.flatten().tolist()) for v in victims}) > 2  # the cache changed from step to step
 
@@ -222,6 +244,32 @@ def _h2o(group, dtype, split, steps, key_scale=1.0):
 def test_h2o_equals_the_pytorch_form(group, dtype, split, monkeypatch):
     monkeypatch.setattr(rule_ops, "DEFAULT_CONFIG", SPLIT if split else ONE)
     _h2o(group, dtype, split, steps=4)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_h2o_with_the_attentions_logits_equals_the_pytorch_form(group, dtype, split, monkeypatch):
+    """The fused step's form: the decode attention kernel writes the logits and its log2-sum-exp2s (split over
+    the key axis or not), and the rule reads them instead of the keys."""
+    monkeypatch.setattr(rule_ops, "DEFAULT_CONFIG", SPLIT if split else ONE)
+    calls = []
+    real = rule_ops.h2o_step_
+    monkeypatch.setattr(rule_ops, "h2o_step_", lambda *a, **kw: calls.append(kw["from_attention"]) or real(*a, **kw))
+    _h2o(group, dtype, split, steps=3, attend=True)
+    assert calls and all(calls)
+
+
+@pytest.mark.parametrize("finish", ["fused", "launch"])
+def test_h2o_victim_pick_in_the_last_split_or_a_launch(finish, monkeypatch):
+    """Split rows pick their victim in the row's last split program (a per-row counter, back at 0 after each
+    update) or in a launch of their own: the same result."""
+    monkeypatch.setattr(rule_ops, "DEFAULT_CONFIG", dataclasses.replace(SPLIT, h2o_finish=finish))
+    counts = []
+    real = rule_ops.h2o_step_
+    monkeypatch.setattr(rule_ops, "h2o_step_", lambda *a, **kw: real(*a, **kw) or counts.append(a[10].count.clone()))
+    _h2o(4, torch.bfloat16, True, steps=3)
+    assert counts and not torch.stack(counts).any()
 
 
 @pytest.mark.parametrize("split", [False, True])

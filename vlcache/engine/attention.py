@@ -35,6 +35,8 @@ class ForwardContext:
     prefill_mask: torch.Tensor | None = None  # [B, 1, m, m] bool, causal and padding; None: causal, no padding
     on_prefill: PrefillObserver | None = None
     on_decode: DecodeObserver | None = None
+    # the fused step only: (layer, query heads) -> buffers its attention writes the logits into, for on_decode
+    decode_logits: Callable[[int, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
     fast_decode: bool = False  # decode with the ragged kernel over per-row lengths (fast_decode.py)
 
 

@@ -103,6 +103,7 @@ def generate_fast(
         if graph_safe_rules and _graph_safe_rule(policy):
             # the same update in fixed-shape, in-place device ops: it can be part of the captured step
             pre.ctx.on_decode = lambda layer_idx, query: rule.on_token_static(layer_idx, query, pre.cache)
+            pre.ctx.decode_logits = getattr(rule, "attention_logits", None)  # H2O: the logits from the attention
             on_reserved, update = rule.prepare_static, "static"
         else:
             update = "eager"
@@ -203,7 +204,9 @@ def decode_fast(
             seen.add_(1)
             for layer in cache.layers:  # the host count, for per-token rules run eagerly (sync_seen after graphs)
                 layer.seen += 1
-            logits = decoder(token, adapter.decode_position_ids(positions), cache, seen, ctx.on_decode)
+            logits = decoder(
+                token, adapter.decode_position_ids(positions), cache, seen, ctx.on_decode, ctx.decode_logits
+            )
         positions.add_(1)
         nxt = torch.where(finished, pad, logits.argmax(-1))
         if stop_at_eos:

@@ -150,7 +150,9 @@ class FusedDecoder:
     `seen` is a device scalar shared by every layer's `seen_device`: the tokens seen, the new one included (its
     logical index, what `CompressedLayer.positions` records, is `seen - 1`); the caller advances it before the
     step, as the module path's `CompressedLayer.update` does before attention. `on_decode(layer_idx, query
-    [B, Hq, 1, D])` is called after each layer's attention, as the module path's attention function calls it.
+    [B, Hq, 1, D])` is called after each layer's attention, as the module path's attention function calls it;
+    `decode_logits(layer_idx, num_heads)`, where given, returns buffers for the attention to write its logits into
+    before it (`rope_append_attention(logits=...)`: H2O's running scores), or None.
     """
 
     def __init__(self, model) -> None:
@@ -171,6 +173,7 @@ class FusedDecoder:
         cache: CompressedCache,
         seen: torch.Tensor,
         on_decode: Callable[[int, torch.Tensor], None] | None = None,
+        decode_logits: Callable[[int, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     ) -> torch.Tensor:
         h = self.text.embed_tokens(tokens)  # [B, H]
         cos, sin = self.text.rotary_emb(h, position_ids)  # [B, 1, D]
@@ -182,7 +185,7 @@ class FusedDecoder:
             q, a = rope_append_attention(
                 normed_linear(x, w.w_qkv, w.b_qkv, config=QKV_CONFIG), cos, sin, layer.keys, layer.values,
                 layer.length, layer.positions, seen, self.num_heads, w.scale, bounds=layer.bounds,
-                max_cap=layer.capacity,
+                max_cap=layer.capacity, logits=decode_logits and decode_logits(i, self.num_heads),
             )  # fmt: skip
             if on_decode is not None:
                 on_decode(i, q)

@@ -50,6 +50,7 @@ step's attention is ``2 · Σ length · D · itemsize`` over the memory bandwidt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +111,7 @@ def _rope_tile(row_ptr, heads, ok, cos_ptr, sin_ptr, d, D, ROTATE: tl.constexpr)
 @triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, bounds_ptr, o_ptr, lse_ptr,
-    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, seen_ptr,
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, seen_ptr, lg_ptr,
     Hkv, G, cap, D, NSPLIT, qk_scale,
     s_qb, s_qh, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -118,8 +119,9 @@ def _split_kernel(
     s_lb, s_lh,
     s_ob, s_oh, s_os, s_od,
     s_eb, s_eh,
-    s_qkv, s_cs, s_ss, s_pb, s_ph, s_pn,
+    s_qkv, s_cs, s_ss, s_pb, s_ph, s_pn, s_lgr, s_lgg,
     FINAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RAGGED: tl.constexpr, APPEND: tl.constexpr,
+    LOGITS: tl.constexpr, LSE_SLOTS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -156,6 +158,7 @@ def _split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    lg_row = lg_ptr + (b * Hkv + h) * s_lgr + gi[:, None] * s_lgg  # LOGITS: [G, cap] of this (sequence, KV head)
     if APPEND:  # rope_append's work, then the new entry enters split 0's softmax from registers
         row = qkv_ptr + b * s_qkv
         cs, ss = cos_ptr + b * s_cs, sin_ptr + b * s_ss
@@ -177,6 +180,8 @@ def _split_kernel(
         if FINAL:  # the only program of this row; with splits the others read the length, so _combine_kernel does
             tl.store(len_ptr + b * s_lb + h * s_lh + zero, n_raw + 1 + zero, mask=one)
         s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale
+        if LOGITS:
+            tl.store(lg_row + slot + zero[:, None], s_new[:, None], mask=(g_ok & room)[:, None])
         m_i = tl.where(room, s_new, m_i)
         l_i = tl.where(room, 1.0, l_i)
         acc = tl.where(room[:, None], vn.to(tl.float32), acc)
@@ -200,6 +205,8 @@ def _split_kernel(
         else:
             s = tl.dot(q, kt)
         s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        if LOGITS:
+            tl.store(lg_row + cols[None, :], s, mask=g_ok[:, None] & ok[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one valid key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -218,8 +225,14 @@ def _split_kernel(
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     else:
         tl.store(o_ptr + o_off + pid_s * s_os, out, mask=g_ok[:, None] & d_ok[None, :])
+    if LOGITS or not FINAL:
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * s_eb + heads * s_eh + pid_s, lse, mask=g_ok)
+    if LOGITS:  # split 0 marks the unused slots empty, so a reader can take all LSE_SLOTS
+        sl = tl.arange(0, LSE_SLOTS)
+        empty = (sl[None, :] >= NSPLIT) & g_ok[:, None] & ((sl * 0 + pid_s) == 0)[None, :]
+        tl.store(lse_ptr + b * s_eb + heads[:, None] * s_eh + sl[None, :],
+                 tl.full([BLOCK_G, LSE_SLOTS], float("-inf"), tl.float32), mask=empty)
 
 
 @triton.jit
@@ -301,11 +314,28 @@ def num_splits(
     return max(1, min(want, most, config.max_splits))
 
 
+def _check_logits(logits, B: int, Hq: int, Hkv: int, cap: int, nsplit: int, ragged: bool) -> None:
+    lg, lse = logits
+    G = Hq // Hkv
+    if ragged:
+        raise ValueError("logits: the padded layout only (bounds=None)")
+    if (lg.dtype, lse.dtype) != (torch.float32, torch.float32) or lg.dim() != 3 or lse.dim() != 3:
+        raise ValueError(f"logits must be float32 [B·Hkv, G, cap] and [B, Hq, slots]; got {lg.dtype} "
+                         f"{tuple(lg.shape)}, {lse.dtype} {tuple(lse.shape)}")  # fmt: skip
+    if lg.shape[0] < B * Hkv or lg.shape[1] < G or lg.shape[2] < cap or lg.stride(2) != 1:
+        raise ValueError(f"logits buffer {tuple(lg.shape)} is too small for {B * Hkv} rows, group {G}, cap {cap}")
+    slots = lse.shape[2]
+    if lse.shape[0] < B or lse.shape[1] < Hq or lse.stride(2) != 1 or slots < nsplit or slots & (slots - 1):
+        raise ValueError(f"lse buffer {tuple(lse.shape)}: want [>= {B}, >= {Hq}, a power of 2 >= {nsplit} splits]")
+
+
 def _decode_attention_triton(
-    q, k, v, length, scale, splits=None, config: DecodeConfig = DEFAULT_CONFIG, bounds=None, max_cap=None, append=None
-):
+    q, k, v, length, scale, splits=None, config: DecodeConfig = DEFAULT_CONFIG, bounds=None, max_cap=None, append=None,
+    logits=None,
+):  # fmt: skip
     """The Triton path. `append` (`(qkv, cos, sin, positions, seen)`): `q` is the output for the rotated
-    queries, and the kernel first does `rope_append`'s work (`rope_append_attention`)."""
+    queries, and the kernel first does `rope_append`'s work (`rope_append_attention`). `logits` (`(lg, lse)`): the
+    kernel also writes every valid entry's logit (`rope_append_attention` says how)."""
     B, Hq, Hkv, cap, D = _check(q, k, v, length, bounds, max_cap)
     G = Hq // Hkv
     dev = q.device
@@ -330,6 +360,12 @@ def _decode_attention_triton(
         lse = torch.empty(B, Hq, nsplit, dtype=torch.float32, device=dev)
         s_o = o.stride()
         s_e = lse.stride()[:2]
+    lg, lse_slots = q, 1  # never read without logits
+    s_lg = (0, 0)
+    if logits is not None:
+        _check_logits(logits, B, Hq, Hkv, cap, nsplit, bounds is not None)
+        lg, lse = logits
+        s_lg, s_e, lse_slots = (lg.stride(0), lg.stride(1)), lse.stride()[:2], lse.shape[2]
     if append is None:
         qkv, cos, sin, positions, seen = q, q, q, length, length  # never read
         s_app = (0,) * 6
@@ -339,14 +375,15 @@ def _decode_attention_triton(
     ragged = bounds is not None
     _split_kernel[(B * Hkv, nsplit)](
         q, k, v, length, bounds if ragged else length, o, lse,
-        qkv, cos, sin, positions, seen,
+        qkv, cos, sin, positions, seen, lg,
         Hkv, G, cap, D, nsplit, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(3),
         *k.stride(), *v.stride(),
         length.stride(0), length.stride(1),
-        *s_o, *s_e, *s_app,
+        *s_o, *s_e, *s_app, *s_lg,
         FINAL=final, UPCAST=interp, IEEE=interp or q.dtype == torch.float32, RAGGED=ragged,
-        APPEND=append is not None, BLOCK_G=block_g, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        APPEND=append is not None, LOGITS=logits is not None, LSE_SLOTS=lse_slots,
+        BLOCK_G=block_g, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
         # RoPE: no fused multiply-add, each product rounded as transformers' tensor ops round it (with fusion on,
         # bf16 queries came out one unit in the last place off rope_append's on an H200)
@@ -400,6 +437,7 @@ def decode_attention(
     config: DecodeConfig | None = None,
     bounds: torch.Tensor | None = None,
     max_cap: int | None = None,
+    logits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over a ragged cache.
 
@@ -416,6 +454,7 @@ def decode_attention(
         bounds: ``[B + 1]`` int64 row starts of the ragged layout (``CompressedLayer.bounds``); None: padded.
         max_cap: with ``bounds``, the largest row capacity (``CompressedLayer.capacity``), which sizes the
             splits; None reads it from ``bounds``, a host sync that a captured CUDA graph cannot contain.
+        logits: buffers for the logits as well (padded layout; ``rope_append_attention`` says what they hold).
 
     Returns:
         ``[B, Hq, 1, D]`` in ``q``'s dtype; rows with no valid entry give 0.
@@ -424,8 +463,11 @@ def decode_attention(
     if backend is None:
         backend = "triton" if runs_triton(q) else "torch"
     if backend == "triton":
-        return _decode_attention_triton(q, k, v, length, scale, splits, config or DEFAULT_CONFIG, bounds, max_cap)
+        cfg = config or DEFAULT_CONFIG
+        return _decode_attention_triton(q, k, v, length, scale, splits, cfg, bounds, max_cap, logits=logits)
     if backend == "torch":
+        if logits is not None:
+            _logits_torch(q, k, length, scale, logits)
         return decode_attention_torch(q, k, v, length, scale, bounds, max_cap)
     raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
 
@@ -447,6 +489,7 @@ def rope_append_attention(
     config: DecodeConfig | None = None,
     bounds: torch.Tensor | None = None,
     max_cap: int | None = None,
+    logits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope_append` (vlcache/kernels/fused_ops.py) then `decode_attention` over the cache it appended to, in
     one launch (two with key-axis splits, the second merging them): each program rotates its group's queries and
@@ -455,6 +498,12 @@ def rope_append_attention(
     split has read it (by the program itself with one split, else by the merging launch). Same arguments as the
     two functions.
 
+    `logits` (`(lg, lse)`, float32 `[≥ B·Hkv, ≥ G, ≥ cap]` and `[≥ B, ≥ Hq, S]`, S a power of 2 of at least the
+    splits; padded layout): the attention's own logits, for H2O's running scores without reading the keys again
+    (rule_ops.h2o_step_): `lg[b·Hkv + h, g, j]` = `q·k_j · scale · log2(e)` of query head `h·G + g` over each valid
+    entry `j` (the new one included), and `lse[b, hq, :]` each split's log2-sum-exp2 of them (-inf where unused),
+    so `exp2(lg - log2(Σ exp2(lse)))` is the attention row.
+
     Returns `(q, out)`: the rotated queries and the attention output, both `[B, Hq, 1, D]`.
     """
     scale = keys.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -462,6 +511,8 @@ def rope_append_attention(
         backend = "triton" if runs_triton(qkv) else "torch"
     if backend == "torch":  # rope_append checks the shapes
         q = rope_append(qkv, cos, sin, keys, values, length, positions, seen, num_heads, backend="torch", bounds=bounds)
+        if logits is not None:
+            _logits_torch(q, keys, length, scale, logits)
         return q, decode_attention_torch(q, keys, values, length, scale, bounds, max_cap)
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
@@ -469,6 +520,20 @@ def rope_append_attention(
     q = torch.empty(qkv.shape[0], num_heads, 1, keys.shape[-1], dtype=qkv.dtype, device=qkv.device)
     out = _decode_attention_triton(
         q, keys, values, length, scale, splits, config or DEFAULT_CONFIG, bounds, max_cap,
-        append=(qkv, cos, sin, positions, seen),
+        append=(qkv, cos, sin, positions, seen), logits=logits,
     )  # fmt: skip
     return q, out
+
+
+def _logits_torch(q, k, length, scale, logits) -> None:
+    """The `logits` outputs of `rope_append_attention` in PyTorch (one split: its log2-sum-exp2 in slot 0)."""
+    lg, lse = logits
+    B, Hq, Hkv, cap, D = _check(q, k, k, length)
+    _check_logits(logits, B, Hq, Hkv, cap, 1, False)
+    G = Hq // Hkv
+    x = torch.matmul(q.float().view(B, Hkv, G, D), k.float().transpose(-1, -2)) * (scale * _LOG2E)
+    valid = (torch.arange(cap, device=k.device) < length[..., None])[:, :, None]
+    x = x.masked_fill(~valid, float("-inf"))
+    lg[: B * Hkv, :G, :cap] = x.reshape(B * Hkv, G, cap)
+    lse[:B, :Hq].fill_(float("-inf"))
+    lse[:B, :Hq, 0] = torch.logsumexp(x * math.log(2), -1).reshape(B, Hq) / math.log(2)

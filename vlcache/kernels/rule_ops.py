@@ -9,16 +9,18 @@ and H2O's keys in float32. Here a rule costs one to three launches per layer, wh
   later valid entries left, and `length -= count` (what `CompressedLayer.drop_` does); `drop_oldest_` (Rolling)
   and `drop_fixed_point_` (FixedPoint) compute that block from the rule's state in the same launch.
 * `h2o_step_`: H2O's update (Zhang et al., NeurIPS 2023, Algorithm 1): the decode query's attention added to the
-  running scores, the victim, its deletion.
+  running scores, the victim, its deletion. H2O does not need the cache's order (its recent window is found by
+  position), so the deletion moves one entry, the row's last, into the victim's slot instead of shifting; and in
+  the fused step its logits come from the attention kernel itself, so the keys are not read a second time.
 
-Long rows are cut into chunks of `per` entries (whole `block_n` blocks, computed in the kernel from the row's length),
-one program each; the number of chunks depends only on the shapes (`num_splits`), so a captured graph stays valid
-as lengths change. A left shift by `count` makes chunk k read the first `count` entries of chunk k+1, which chunk k+1
-may already have overwritten: a first launch copies each chunk's first `side` entries to a side buffer, and the
-shift reads them from there. A row whose `count` exceeds `side` is shifted by its first program alone (serially,
-always correct). Count bounds: H2O and Rolling delete at most one entry per row and step (`count = length > keep`);
-FixedPoint deletes `excess = length - limit`, normally 0 or 1 but unbounded, and runs one program per row (its
-moved span is short: from `N_tl` = keep - 24 to the end).
+For the shifts (and H2O's passes), long rows are cut into chunks of `per` entries (whole `block_n` blocks, computed
+in the kernel from the row's length), one program each; the number of chunks depends only on the shapes
+(`num_splits`), so a captured graph stays valid as lengths change. A left shift by `count` makes chunk k read the
+first `count` entries of chunk k+1, which chunk k+1 may already have overwritten: a first launch copies each chunk's
+first `side` entries to a side buffer, and the shift reads them from there. A row whose `count` exceeds `side` is
+shifted by its first program alone (serially, always correct). Count bounds: Rolling deletes at most one entry per
+row and step (`count = length > keep`); FixedPoint deletes `excess = length - limit`, normally 0 or 1 but unbounded,
+and runs one program per row (its moved span is short: from `N_tl` = keep - 24 to the end).
 
 Scratch (`RuleScratch`) is allocated once per device, before the capture (Rolling: `prepare_static`; H2O: its first
 update, the fast path's eager warm-up step, where the query's group is known), and shared by the layers, which run
@@ -33,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_attention import DEFAULT_CONFIG as ATTENTION_CONFIG
 from .launch import interpreting, on_device, runs_triton, sm_count
 
 __all__ = [
@@ -41,12 +44,14 @@ __all__ = [
     "drop_fixed_point_",
     "drop_oldest_",
     "h2o_step_",
+    "h2o_window",
     "num_splits",
     "shift_rows_",
     "supported",
 ]
 
 _BIG = tl.constexpr(2**62)  # the index of "no candidate" in partial argmins
+LSE_SLOTS = triton.next_power_of_2(ATTENTION_CONFIG.max_splits)  # H2O: the attention's splits, at most
 
 
 @dataclasses.dataclass
@@ -66,6 +71,12 @@ class RuleConfig:
     0.446 against 0.489 ms at batch 64, 2K (results/bench/rules_h2o_warps_h200.json, rules_fp_warps_h200.json). H2O's
     logits and scores passes were slower with 8 (634 against 469 µs at batch 1, 128K), so they keep ``num_warps``.
 
+    ``h2o_finish``: where H2O's split rows pick their victim: ``"fused"``, the row's last split program to finish
+    (after a per-row atomic counter), or ``"launch"``, a launch of its own. Alone the two are as fast (0.217 /
+    0.609 / 0.968 / 1.018 against 0.221 / 0.595 / 0.961 / 1.045 ms a step at batch 1 and 2K, 32K, 128K prompts and
+    batch 64, 2K, with the logits launch, on an H200: bench_rules.py --h2o-finish, results/bench/rules_h2o_finish_*);
+    ``"fused"`` is one launch fewer per layer in the captured step.
+
     ``min_per_split`` 64 rather than 256: H2O's rows of a few hundred to a few thousand entries then split, which
     cut its update at batch 1 by about a third on an H200 (experiments/bench_rules.py, results/bench/rules_h2o_mps*).
     The split form's scores round differently from the one-program form's (the softmax normaliser comes from
@@ -80,6 +91,7 @@ class RuleConfig:
     num_warps: int = 4
     shift_warps: int = 8
     precision: str = "auto"
+    h2o_finish: str = "fused"
 
 
 DEFAULT_CONFIG = RuleConfig()
@@ -103,7 +115,8 @@ class RuleScratch:
 
     `side_*`: each chunk's first `side` entries (keys, values, positions, the extra row); `nbuf`: each row's length
     before the update (read by the shift while its first program rewrites `length`); with `group`, H2O's float32
-    logits `[rows, group, cap]`, per-split softmax max/sum and argmin partials.
+    logits `[rows, group, cap]` (written by its own launch or by the attention, with its per-split log2-sum-exp2s
+    `lse`), per-split softmax max/sum and selection partials.
     """
 
     def __init__(self, keys: torch.Tensor, cap: int, splits: int, side: int, group: int = 0) -> None:
@@ -117,10 +130,13 @@ class RuleScratch:
         self.side_e = torch.zeros(rows, splits, side, dtype=f32, device=dev)
         if group:
             self.logits = torch.zeros(rows, group, cap, dtype=f32, device=dev)
+            # the attention's per-split log2-sum-exp2 (rope_append_attention(logits=...)), up to its most splits
+            self.lse = torch.zeros(b, h * group, LSE_SLOTS, dtype=f32, device=dev)
             self.part_m = torch.zeros(rows, splits, group, dtype=f32, device=dev)
             self.part_l = torch.zeros_like(self.part_m)
             self.part_v = torch.zeros(rows, splits, dtype=f32, device=dev)
-            self.part_i = torch.zeros(rows, splits, dtype=torch.long, device=dev)
+            self.part_i = torch.zeros(rows, splits, 6, dtype=torch.long, device=dev)
+            self.count = torch.zeros(rows, dtype=torch.int32, device=dev)  # splits done per row (0 between steps)
 
     @classmethod
     def for_layers(cls, layers, *, side: int, group: int = 0, config: RuleConfig | None = None) -> list:
@@ -253,18 +269,16 @@ def _save_kernel(
 @triton.jit
 def _shift_kernel(
     k_ptr, v_ptr, p_ptr, e_ptr, len_ptr, nbuf_ptr, sk_ptr, sv_ptr, sp_ptr, se_ptr,
-    a_ptr, c_ptr, pv_ptr, pi_ptr, f_ptr, seen_ptr,
-    H, cap, D, NCHUNK, s_sr, s_pr, m_off, first,
+    a_ptr, c_ptr, f_ptr, seen_ptr,
+    H, cap, D, NCHUNK, s_sr, m_off, first,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_eb, s_eh, s_en, s_lb, s_lh, s_ab, s_ah, s_cb, s_ch,
     RULE: tl.constexpr, FROM_NBUF: tl.constexpr, HAS_EXTRA: tl.constexpr, ZERO_EXTRA: tl.constexpr,
-    SIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    SIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid `(rows, NCHUNK)`. Which block a row deletes (`RULE`), from the row's length `n` before the update:
 
     0. given: `start`, `count` = `a`, `c` `[B, H]`;
     1. Rolling: `count = n > keep` (`a`), `start = min(n - 1, first)` (the oldest entry after the sinks);
-    2. H2O: as 1, but `start` = the lowest-scored candidate (argmin partials `pv`/`pi`, `[rows, NPART]`) where
-       there is one (`n - recent > first`, `recent` = `c` `[B]`);
     3. FixedPoint: `limit = ceil(budget · (prompt length + seen − m) − eps)` (float64 `f` = [budget, eps],
        prompt lengths `c` `[B]`), `count = max(n − limit, 0)`, `start = max(min(N_tl, n − 1, n − count), 0)`.
     """
@@ -289,13 +303,6 @@ def _shift_kernel(
     else:
         count = (n > tl.load(a_ptr + b * s_ab + h * s_ah)).to(tl.int64)
         start = tl.minimum(n - 1, first)
-        if RULE == 2:
-            sp = tl.arange(0, BLOCK_P)
-            val = tl.load(pv_ptr + row * s_pr + sp, mask=sp < NCHUNK, other=float("inf"))
-            idx = tl.load(pi_ptr + row * s_pr + sp, mask=sp < NCHUNK, other=_BIG)
-            # lowest score, lowest index among equal scores (torch.argmin's tie rule; splits are in slot order)
-            victim = tl.min(tl.where(val == tl.min(val, 0), idx, _BIG), 0)
-            start = tl.where(n - tl.load(c_ptr + b * s_cb) > first, victim, start)
     _shift_row(
         k_ptr + b * s_kb + h * s_kh, v_ptr + b * s_vb + h * s_vh, p_ptr + b * s_pb + h * s_ph,
         e_ptr + b * s_eb + h * s_eh, sk_ptr + row * s_sr * D, sv_ptr + row * s_sr * D, sp_ptr + row * s_sr,
@@ -325,7 +332,7 @@ def _check_rows(keys, values, positions, length, extra=None) -> None:
 
 
 def _shift(
-    keys, values, positions, length, extra, *, rule, a, c, zero_extra=False, first=0, parts=None, consts=None,
+    keys, values, positions, length, extra, *, rule, a, c, zero_extra=False, first=0, consts=None,
     seen=None, m_off=0, chunks=None, scratch=None, side=4, config=None,
 ) -> None:  # fmt: skip
     """Launches the save (several chunks) and the shift for `RULE` (see `_shift_kernel`)."""
@@ -348,10 +355,9 @@ def _shift(
     e = extra if extra is not None else positions
     strides = (*keys.stride()[:3], *values.stride()[:3], *positions.stride(), *e.stride(), *length.stride())
     block_d = triton.next_power_of_2(d)
-    pv, pi = parts if parts is not None else (length, length)
     s_c = (c.stride(0), c.stride(1) if c.dim() > 1 else 0)
     with on_device(keys):
-        if nchunk > 1 and parts is None:  # H2O's scores launch saved the side entries already
+        if nchunk > 1:
             _save_kernel[(rows, nchunk)](
                 keys, values, positions, e, length, nbuf, sk, sv, sp, se, h, d, nchunk, s_sr, *strides,
                 HAS_EXTRA=extra is not None, SIDE=side, BLOCK_N=config.block_n, BLOCK_D=block_d,
@@ -359,11 +365,11 @@ def _shift(
             )  # fmt: skip
         _shift_kernel[(rows, nchunk)](
             keys, values, positions, e, length, nbuf, sk, sv, sp, se,
-            a, c, pv, pi, consts if consts is not None else length, seen if seen is not None else length,
-            h, cap, d, nchunk, s_sr, pv.stride(0) if parts is not None else 0, m_off, first,
+            a, c, consts if consts is not None else length, seen if seen is not None else length,
+            h, cap, d, nchunk, s_sr, m_off, first,
             *strides, a.stride(0), a.stride(1), *s_c,
-            RULE=rule, FROM_NBUF=nchunk > 1 or parts is not None, HAS_EXTRA=extra is not None,
-            ZERO_EXTRA=zero_extra, SIDE=side, BLOCK_P=triton.next_power_of_2(nchunk), BLOCK_N=config.block_n,
+            RULE=rule, FROM_NBUF=nchunk > 1, HAS_EXTRA=extra is not None,
+            ZERO_EXTRA=zero_extra, SIDE=side, BLOCK_N=config.block_n,
             BLOCK_S=config.block_s, BLOCK_D=block_d, num_warps=config.shift_warps, enable_fp_fusion=rule != 3,
         )  # fmt: skip
 
@@ -463,34 +469,6 @@ def _logits_pass(
 
 
 @triton.jit
-def _scores_pass(
-    lg_row, s_lg, sc_row, s_sn, se_row, M, L, lo, hi, lim, first, save, G,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Adds each key's attention (softmax with the row's max `M` and sum `L` per head, summed over the group) to
-    the running scores of `[lo, hi)`; returns the lowest score and its slot among the candidates
-    `first <= slot < lim` (lowest slot on ties; +inf and _BIG where none). The updated scores of the first `save`
-    slots go to `se_row` (the chunk's side entries)."""
-    gi = tl.arange(0, BLOCK_G)
-    best = tl.full([], float("inf"), tl.float32)
-    slot = tl.full([], _BIG, tl.int64)
-    for j0 in range(lo, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        ok = j < hi
-        x = tl.load(lg_row + gi[:, None] * s_lg + j[None, :], mask=(gi < G)[:, None] & ok[None, :],
-                    other=float("-inf"))
-        s = tl.load(sc_row + j * s_sn, mask=ok, other=0.0) + tl.sum(tl.exp(x - M[:, None]) / L[:, None], 0)
-        tl.store(sc_row + j * s_sn, s, mask=ok)
-        tl.store(se_row + (j - lo), s, mask=ok & (j < lo + save))
-        v = tl.where(ok & (j >= first) & (j < lim), s, float("inf"))
-        tile = tl.min(v, 0)
-        at = j0 + tl.argmin(v, 0, tie_break_left=True)
-        slot = tl.where(tile < best, at, slot)  # strict: an earlier tile wins a tie
-        best = tl.minimum(tile, best)
-    return best, slot
-
-
-@triton.jit
 def _h2o_logits_kernel(
     q_ptr, k_ptr, len_ptr, lg_ptr, pm_ptr, pl_ptr,
     H, G, D, NSPLIT, scale, s_qb, s_qh, s_qd, s_kb, s_kh, s_kn, s_lb, s_lh, s_lgr, s_lgg, s_pmr, s_pms,
@@ -511,54 +489,111 @@ def _h2o_logits_kernel(
 
 
 @triton.jit
-def _h2o_scores_kernel(
-    k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, rec_ptr, lg_ptr, pm_ptr, pl_ptr, pv_ptr, pi_ptr, nbuf_ptr,
-    sk_ptr, sv_ptr, sp_ptr, se_ptr,
-    H, G, D, NSPLIT, first, s_sr, s_pr,
-    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh, s_rb, s_lgr, s_lgg, s_pmr,
-    s_pms,
-    SIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Pass 2, grid `(rows, NSPLIT)`: the softmax normaliser of the whole row from the splits' partials, the
-    split's scores updated, its candidates' argmin, and its first entry saved for the shift."""
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    b, h = row // H, row % H
-    n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int64)
-    tl.store(nbuf_ptr + row, n, mask=split == 0)
-    per = _per(n, NSPLIT, BLOCK_N)
-    lo = split * per
-    hi = tl.minimum(lo + per, n)
-    sp = tl.arange(0, BLOCK_P)
+def _row_lse(lse_ptr, b, h, s_eb, s_eh, G, BLOCK_G: tl.constexpr, LSE_SLOTS: tl.constexpr):
+    """The log2-sum-exp2 of each query head's whole attention row, from the attention's per-split values (0 for an
+    empty row: its logits are all -inf)."""
     gi = tl.arange(0, BLOCK_G)
-    off = row * s_pmr + sp[:, None] * s_pms + gi[None, :]
-    ok = (sp < NSPLIT)[:, None] & (gi < G)[None, :]
-    pm = tl.load(pm_ptr + off, mask=ok, other=float("-inf"))
-    pl = tl.load(pl_ptr + off, mask=ok, other=0.0)
-    M = tl.max(pm, 0)
-    M = tl.where(M == float("-inf"), 0.0, M)  # padded heads, empty rows: no NaN from -inf - -inf
-    L = tl.sum(pl * tl.exp(pm - M[None, :]), 0)
-    L = tl.where(L > 0.0, L, 1.0)
-    k_row, v_row, p_row = k_ptr + b * s_kb + h * s_kh, v_ptr + b * s_vb + h * s_vh, p_ptr + b * s_pb + h * s_ph
-    sc_row = sc_ptr + b * s_sb + h * s_sh
-    lim = n - tl.load(rec_ptr + b * s_rb)
-    # the split's first scores are saved as updated, here; its keys, values and positions by _save_side
-    best, slot = _scores_pass(lg_ptr + row * s_lgr, s_lgg, sc_row, s_sn, se_ptr + row * s_sr + split * SIDE, M, L,
-                              lo, hi, lim, first, tl.where(split > 0, SIDE, 0), G, BLOCK_G, BLOCK_N)
-    tl.store(pv_ptr + row * s_pr + split, best)
-    tl.store(pi_ptr + row * s_pr + split, slot)
-    _save_side(k_row, v_row, p_row, sc_row, sk_ptr + row * s_sr * D, sv_ptr + row * s_sr * D, sp_ptr + row * s_sr,
-               se_ptr + row * s_sr, s_kn, s_vn, s_pn, s_sn, n, split, per, D, False, SIDE, BLOCK_D)
+    sl = tl.arange(0, LSE_SLOTS)
+    x = tl.load(lse_ptr + b * s_eb + (h * G + gi)[:, None] * s_eh + sl[None, :], mask=(gi < G)[:, None],
+                other=float("-inf"))
+    m = tl.max(x, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp2(x - m[:, None]), 1)
+    return m + tl.log2(tl.where(total > 0.0, total, 1.0))  # padded heads too: no -inf - -inf
+
+
+@triton.jit
+def _select_pass(
+    lg_row, s_lg, sc_row, s_sn, p_row, s_pn, M, L, lo, hi, thr, first, G,
+    LOG2: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Adds each key's attention (summed over the group) to the running scores of slots `[lo, hi)`; the row's
+    softmax is `exp2(x - M)` (`LOG2`: the attention's logits, `M` their log2-sum-exp2) or `exp(x - M) / L`.
+    Returns, over these slots, as `(score, position, slot)`, `(position, slot)` and `position`:
+
+    * the lowest-scored candidate, `slot >= first` and `position < thr` (outside the sinks and the recent window),
+      the oldest on ties (what `argmin` over the ordered cache picks); +inf and _BIG where none;
+    * the oldest entry at `slot >= first` (the victim when no entry is a candidate);
+    * the lowest position above `thr` (the next token's recent window starts there).
+    """
+    # lane-wise running results, reduced once at the end: no cross-thread reduction per tile
+    gi = tl.arange(0, BLOCK_G)
+    vbest = tl.full([BLOCK_N], float("inf"), tl.float32)
+    vbpos = tl.full([BLOCK_N], _BIG, tl.int64)
+    vbslot = tl.full([BLOCK_N], _BIG, tl.int64)
+    vopos = tl.full([BLOCK_N], _BIG, tl.int64)
+    voslot = tl.full([BLOCK_N], _BIG, tl.int64)
+    vnxt = tl.full([BLOCK_N], _BIG, tl.int64)
+    for j0 in range(lo, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        ok = j < hi
+        x = tl.load(lg_row + gi[:, None] * s_lg + j[None, :], mask=(gi < G)[:, None] & ok[None, :],
+                    other=float("-inf"))
+        if LOG2:
+            p = tl.sum(tl.exp2(x - M[:, None]), 0)
+        else:
+            p = tl.sum(tl.exp(x - M[:, None]) / L[:, None], 0)
+        s = tl.load(sc_row + j * s_sn, mask=ok, other=0.0) + p
+        tl.store(sc_row + j * s_sn, s, mask=ok)
+        pos = tl.load(p_row + j * s_pn, mask=ok, other=_BIG).to(tl.int64)
+        jl = j.to(tl.int64)
+        mine = ok & (j >= first)
+        cand = mine & (pos < thr)
+        better = cand & ((s < vbest) | ((s == vbest) & (pos < vbpos)))
+        vbest = tl.where(better, s, vbest)
+        vbpos = tl.where(better, pos, vbpos)
+        vbslot = tl.where(better, jl, vbslot)
+        older = mine & (pos < vopos)
+        vopos = tl.where(older, pos, vopos)
+        voslot = tl.where(older, jl, voslot)
+        vnxt = tl.minimum(vnxt, tl.where(ok & (pos > thr), pos, _BIG))
+    best = tl.min(vbest, 0)
+    bpos = tl.min(tl.where(vbest == best, vbpos, _BIG), 0)
+    bslot = tl.min(tl.where((vbpos == bpos) & (bpos < _BIG), vbslot, _BIG), 0)
+    opos = tl.min(vopos, 0)
+    oslot = tl.min(tl.where((vopos == opos) & (opos < _BIG), voslot, _BIG), 0)
+    nxt = tl.min(vnxt, 0)
+    return best, bpos, bslot, opos, oslot, nxt
+
+
+@triton.jit
+def _h2o_finish(
+    k_row, v_row, p_row, sc_row, s_kn, s_vn, s_pn, s_sn, len_at, thr_at,
+    n, keep, recent, thr, bslot, bpos, oslot, opos, nxt, D, BLOCK_D: tl.constexpr,
+):
+    """The victim (the candidate, else the oldest entry after the sinks) where the row holds more than `keep`
+    entries, replaced by the row's last entry (the new token's, or the victim itself); `length` and the recent
+    window's lower bound `thr` for the next token."""
+    over = n > keep
+    has = bslot < _BIG
+    last = n - 1
+    victim = tl.where(has, bslot, tl.where(oslot < _BIG, oslot, last))
+    vpos = tl.where(has, bpos, opos)
+    move = over & (victim != last)
+    d = tl.arange(0, BLOCK_D)
+    dm = (d < D) & ((d * 0 + move.to(tl.int32)) > 0)  # (a scalar & block mask, as the interpreter takes it)
+    tl.store(k_row + victim * s_kn + d, tl.load(k_row + last * s_kn + d, mask=dm), mask=dm)
+    tl.store(v_row + victim * s_vn + d, tl.load(v_row + last * s_vn + d, mask=dm), mask=dm)
+    tl.store(p_row + victim * s_pn, tl.load(p_row + last * s_pn, mask=move), mask=move)
+    tl.store(sc_row + victim * s_sn, tl.load(sc_row + last * s_sn, mask=move), mask=move)
+    tl.store(sc_row + last * s_sn, 0.0, mask=over)  # the freed slot restarts at 0
+    tl.store(len_at, n - over.to(tl.int64))
+    # The window is the `recent` newest entries; the next token enters it and the oldest leaves, unless the
+    # window held the whole row (n < recent) or lost an entry to the fallback victim (a protected one).
+    up = tl.where(nxt < _BIG, nxt, thr + 1)  # nothing above thr: thr was the new token's position
+    hit = over & (vpos >= thr)
+    new = tl.where(hit, tl.where(vpos == thr, up, thr), tl.where(n < recent, thr, up))
+    tl.store(thr_at, tl.where(recent > 0, new, thr))
 
 
 @triton.jit
 def _h2o_row_kernel(
-    q_ptr, k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, lg_ptr,
-    H, G, D, cap, first, scale,
+    q_ptr, k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr, lg_ptr, lse_ptr,
+    H, G, D, first, scale,
     s_qb, s_qh, s_qd, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh,
-    s_eb, s_eh, s_rb, s_lgr, s_lgg,
-    MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    s_eb, s_eh, s_rb, s_tb, s_th, s_lgr, s_lgg, s_ab, s_ah,
+    FROM_ATTN: tl.constexpr, LSE_SLOTS: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The whole update of one row in one program (grid `(rows,)`, rows short enough for one split)."""
     row = tl.program_id(0).to(tl.int64)
@@ -566,27 +601,138 @@ def _h2o_row_kernel(
     n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int64)
     lg_row = lg_ptr + row * s_lgr
     sc_row = sc_ptr + b * s_sb + h * s_sh
-    M, L = _logits_pass(q_ptr, b, h, scale, s_qb, s_qh, s_qd, k_ptr + b * s_kb + h * s_kh, s_kn, lg_row, s_lgg,
-                        0, n, G, D, MODE, UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
-    M = tl.where(M == float("-inf"), 0.0, M)
-    L = tl.where(L > 0.0, L, 1.0)
-    tl.debug_barrier()  # the logits were stored by other threads
+    k_row, v_row, p_row = k_ptr + b * s_kb + h * s_kh, v_ptr + b * s_vb + h * s_vh, p_ptr + b * s_pb + h * s_ph
+    if FROM_ATTN:
+        M = _row_lse(lse_ptr, b, h, s_ab, s_ah, G, BLOCK_G, LSE_SLOTS)
+        L = M
+    else:
+        M, L = _logits_pass(q_ptr, b, h, scale, s_qb, s_qh, s_qd, k_row, s_kn, lg_row, s_lgg,
+                            0, n, G, D, MODE, UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
+        M = tl.where(M == float("-inf"), 0.0, M)
+        L = tl.where(L > 0.0, L, 1.0)
+        tl.debug_barrier()  # the logits were stored by other threads
+    thr = tl.load(thr_ptr + b * s_tb + h * s_th)
     recent = tl.load(rec_ptr + b * s_rb)
-    _, victim = _scores_pass(lg_row, s_lgg, sc_row, s_sn, sc_row, M, L, 0, n, n - recent, first, 0, G,
-                             BLOCK_G, BLOCK_N)
-    tl.debug_barrier()  # the scores too
-    count = (n > tl.load(keep_ptr + b * s_eb + h * s_eh)).to(tl.int64)
-    # no candidate (the protected tokens fill the cache): the oldest non-sink entry
-    start = tl.where(n - recent > first, victim, tl.minimum(n - 1, first))
-    _shift_row(
-        k_ptr + b * s_kb + h * s_kh, v_ptr + b * s_vb + h * s_vh, p_ptr + b * s_pb + h * s_ph, sc_row,
-        k_ptr, v_ptr, p_ptr, sc_ptr, s_kn, s_vn, s_pn, s_sn,
-        n, start, count, row * 0, _per(n, 1, BLOCK_N), 1, cap, D, True, True, 1, BLOCK_S, BLOCK_D,
+    _, bpos, bslot, opos, oslot, nxt = _select_pass(
+        lg_row, s_lgg, sc_row, s_sn, p_row, s_pn, M, L, 0, n, thr, tl.minimum(first, n - 1), G,
+        FROM_ATTN, BLOCK_G, BLOCK_N,
     )
-    tl.store(len_ptr + b * s_lb + h * s_lh, n - count)
+    tl.debug_barrier()  # the scores too
+    _h2o_finish(k_row, v_row, p_row, sc_row, s_kn, s_vn, s_pn, s_sn, len_ptr + b * s_lb + h * s_lh,
+                thr_ptr + b * s_tb + h * s_th, n, tl.load(keep_ptr + b * s_eb + h * s_eh), recent, thr,
+                bslot, bpos, oslot, opos, nxt, D, BLOCK_D)
+
+
+@triton.jit
+def _reduce_finish(
+    row, k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr, pv_ptr, pi_ptr,
+    H, D, NSPLIT, s_pr,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Row `row`'s split partials reduced (lowest score, then oldest), then `_h2o_finish`."""
+    b, h = row // H, row % H
+    sp = tl.arange(0, BLOCK_P)
+    ok = sp < NSPLIT
+    at = pi_ptr + (row * s_pr + sp) * 6
+    val = tl.load(pv_ptr + row * s_pr + sp, mask=ok, other=float("inf"))
+    bp = tl.load(at, mask=ok, other=_BIG)
+    bpos = tl.min(tl.where(val == tl.min(val, 0), bp, _BIG), 0)
+    bslot = tl.min(tl.where((bp == bpos) & (bpos < _BIG), tl.load(at + 1, mask=ok, other=_BIG), _BIG), 0)
+    op = tl.load(at + 2, mask=ok, other=_BIG)
+    opos = tl.min(op, 0)
+    oslot = tl.min(tl.where((op == opos) & (opos < _BIG), tl.load(at + 3, mask=ok, other=_BIG), _BIG), 0)
+    nxt = tl.min(tl.load(at + 4, mask=ok, other=_BIG), 0)
+    n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int64)
+    thr = tl.load(thr_ptr + b * s_tb + h * s_th)
+    _h2o_finish(k_ptr + b * s_kb + h * s_kh, v_ptr + b * s_vb + h * s_vh, p_ptr + b * s_pb + h * s_ph,
+                sc_ptr + b * s_sb + h * s_sh, s_kn, s_vn, s_pn, s_sn, len_ptr + b * s_lb + h * s_lh,
+                thr_ptr + b * s_tb + h * s_th, n, tl.load(keep_ptr + b * s_eb + h * s_eh), tl.load(rec_ptr + b * s_rb),
+                thr, bslot, bpos, oslot, opos, nxt, D, BLOCK_D)
+
+
+@triton.jit
+def _h2o_select_kernel(
+    k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr, lg_ptr, pm_ptr, pl_ptr, lse_ptr, pv_ptr, pi_ptr,
+    cnt_ptr, H, G, D, NSPLIT, first, s_pr,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th,
+    s_lgr, s_lgg, s_pmr, s_pms, s_ab, s_ah,
+    FROM_ATTN: tl.constexpr, LSE_SLOTS: tl.constexpr, FINISH: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid `(rows, NSPLIT)`: the row's softmax normaliser (from the attention's log2-sum-exp2s or the logits
+    launch's partials), the split's scores updated, and its `_select_pass` results (partials `pv` float32
+    `[rows, NSPLIT]`, `pi` int64 `[rows, NSPLIT, 6]`: best position, best slot, oldest position, its slot, next).
+    `FINISH`: the row's last split to get here (a per-row counter `cnt`, reset after) also does `_reduce_finish`;
+    else `_h2o_finish_kernel` does, in a launch of its own."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b, h = row // H, row % H
+    n = tl.load(len_ptr + b * s_lb + h * s_lh).to(tl.int64)
+    per = _per(n, NSPLIT, BLOCK_N)
+    lo = split * per
+    hi = tl.minimum(lo + per, n)
+    if FROM_ATTN:
+        M = _row_lse(lse_ptr, b, h, s_ab, s_ah, G, BLOCK_G, LSE_SLOTS)
+        L = M
+    else:
+        sp = tl.arange(0, BLOCK_P)
+        gi = tl.arange(0, BLOCK_G)
+        off = row * s_pmr + sp[:, None] * s_pms + gi[None, :]
+        ok = (sp < NSPLIT)[:, None] & (gi < G)[None, :]
+        pm = tl.load(pm_ptr + off, mask=ok, other=float("-inf"))
+        pl = tl.load(pl_ptr + off, mask=ok, other=0.0)
+        M = tl.max(pm, 0)
+        M = tl.where(M == float("-inf"), 0.0, M)  # padded heads, empty rows: no NaN from -inf - -inf
+        L = tl.sum(pl * tl.exp(pm - M[None, :]), 0)
+        L = tl.where(L > 0.0, L, 1.0)
+    thr = tl.load(thr_ptr + b * s_tb + h * s_th)
+    best, bpos, bslot, opos, oslot, nxt = _select_pass(
+        lg_ptr + row * s_lgr, s_lgg, sc_ptr + b * s_sb + h * s_sh, s_sn, p_ptr + b * s_pb + h * s_ph, s_pn, M, L,
+        lo, hi, thr, tl.minimum(first, n - 1), G, FROM_ATTN, BLOCK_G, BLOCK_N,
+    )
+    tl.store(pv_ptr + row * s_pr + split, best)
+    at = pi_ptr + (row * s_pr + split) * 6
+    tl.store(at, bpos)
+    tl.store(at + 1, bslot)
+    tl.store(at + 2, opos)
+    tl.store(at + 3, oslot)
+    tl.store(at + 4, nxt)
+    if FINISH:
+        # acq_rel: this split's stores are visible to the last one, which sees all the others'
+        if tl.atomic_add(cnt_ptr + row, 1) == NSPLIT - 1:
+            tl.store(cnt_ptr + row, 0)
+            _reduce_finish(row, k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr, pv_ptr, pi_ptr,
+                           H, D, NSPLIT, s_pr, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh,
+                           s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th, BLOCK_P, BLOCK_D)
+
+
+@triton.jit
+def _h2o_finish_kernel(
+    k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr, pv_ptr, pi_ptr,
+    H, D, NSPLIT, s_pr,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid `(rows,)`: `_reduce_finish` per row."""
+    _reduce_finish(tl.program_id(0).to(tl.int64), k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr,
+                   pv_ptr, pi_ptr, H, D, NSPLIT, s_pr, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb,
+                   s_sh, s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th, BLOCK_P, BLOCK_D)
 
 
 # fmt: on
+
+
+def h2o_window(positions: torch.Tensor, length: torch.Tensor, recent: torch.Tensor, next_position: int) -> torch.Tensor:
+    """`[B, H]` int64: where `h2o_step_`'s recent window starts at the next token, for a cache in position order
+    (right after compression): the `recent[b]`-th newest of each row's entries and the next token's position
+    (the window holds the whole row where it has fewer; `recent` 0: none, a bound above every position)."""
+    b, h, _ = positions.shape
+    ext = torch.cat([positions, positions.new_zeros(b, h, 1)], -1)
+    ext.scatter_(-1, length[..., None], next_position)
+    r = recent.reshape(b, 1).to(length.device)
+    start = ext.gather(-1, (length + 1 - r).clamp(min=0)[..., None])[..., 0]
+    return torch.where(r > 0, start, 2**62).long()
 
 
 def h2o_step_(
@@ -598,22 +744,33 @@ def h2o_step_(
     scores: torch.Tensor,
     keep: torch.Tensor,
     recent: torch.Tensor,
+    window: torch.Tensor,
     first: int,
     scratch: RuleScratch,
     *,
+    from_attention: int = 0,
     splits: int | None = None,
     config: RuleConfig | None = None,
 ) -> None:
-    """H2O's per-token update (Zhang et al., NeurIPS 2023, Algorithm 1; `H2O.on_token_static`), in place.
+    """H2O's per-token update (Zhang et al., NeurIPS 2023, Algorithm 1; `H2O.on_token_static`), in place, with the
+    cache's entries in any order: each entry is found by its position, not its slot.
 
-    The decode query's attention over each row's valid entries (`query` `[B, Hq, 1, D]`, scale `D**-0.5` on q,
-    float32 logits, softmax per query head, summed over the `Hq / H` heads of the KV head) is added to `scores`
-    (`[B, H, cap]` float32); where a row holds more than `keep[b, h]` entries, its lowest-scored candidate
-    (`first <= slot < length - recent[b]`, the lowest slot on ties; where none, slot `min(length - 1, first)`) is
-    deleted as by `shift_rows_`, and `scores` is 0 from the new length on.
+    The decode query's attention over each row's valid entries (`query` `[B, Hq, 1, D]`, softmax per query head,
+    summed over the `Hq / H` heads of the KV head) is added to `scores` (`[B, H, cap]` float32). Where a row holds
+    more than `keep[b, h]` entries, its victim is the lowest-scored candidate (`slot >= first`, outside the sinks,
+    and position below `window[b, h]`, outside the `recent[b]` newest entries; the oldest on ties), or where there
+    is none the oldest entry after the sinks: the row's last entry (the new token's) takes the victim's slot and
+    score, and `length` drops by one. So nothing shifts: the update reads each valid entry's logit, score and
+    position once and moves one entry, against half of a row's keys and values a step when entries keep their
+    order. `window` advances with the row (start it with `h2o_window`). On the ordered cache this is the victim
+    the PyTorch form (`decode_rules.H2O`) picks; the entries left are the same, at other slots.
 
-    One launch per layer where a row fits one split (`_h2o_row_kernel`), else three over `(rows, splits)`:
-    logits with partial softmax statistics, scores and partial argmins, victim and shift.
+    `from_attention`: the logits are in `scratch.logits` already, from the attention itself
+    (`rope_append_attention(logits=(scratch.logits, scratch.lse))`, log2 domain): no pass over the keys. Else a
+    first launch computes them (float32, `q` scaled first, as `decode_row_scores`).
+
+    One launch per layer where a row fits one split (`_h2o_row_kernel`), else two or three over `(rows, splits)`:
+    the logits with partial softmax statistics, the scores with partial selections, and per row the victim.
     """
     _check_rows(keys, values, positions, length, scores)
     config = config or DEFAULT_CONFIG
@@ -623,46 +780,55 @@ def h2o_step_(
         raise ValueError(f"query must be [B, Hq, 1, D] for keys {tuple(keys.shape)}; got {tuple(query.shape)}")
     if recent.dim() == 0 or recent.shape[0] != b:
         raise ValueError(f"recent must be [B, ...] with B = {b}; got {tuple(recent.shape)}")
+    if window.shape != (b, h) or window.dtype != torch.long:
+        raise ValueError(f"window must be int64 [B, H] = [{b}, {h}]; got {window.dtype} {tuple(window.shape)}")
     group, rows = hq // h, b * h
     if rows == 0 or cap == 0:
         return
     nsplit = splits or num_splits(rows, cap, keys.device, config)
     scratch.check(keys, nsplit, group)
-    if scratch.side < 1 or config.block_n < 16:
-        raise ValueError("H2O needs a side buffer of at least one entry and block_n >= 16 (tl.dot)")
+    if config.block_n < 16:
+        raise ValueError("H2O needs block_n >= 16 (tl.dot)")
     mode = config.precision
     if mode == "auto" or (mode == "split" and keys.element_size() > 2):
         mode = "split" if keys.element_size() == 2 else "ieee"
     prec = dict(MODE=mode, UPCAST=interpreting())
     # float32 FMA dots of 64 float32 keys spill registers on sm_90 (ptxas): 32 there
     block_n = min(config.block_n, 32) if mode == "ieee" else config.block_n
-    blocks = dict(
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d))
-    )
+    blocks = dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n)
+    block_d = max(16, triton.next_power_of_2(d))
     s_q = (query.stride(0), query.stride(1), query.stride(3))
-    lg = scratch.logits
+    lg, lse = scratch.logits, scratch.lse
+    attn = dict(FROM_ATTN=bool(from_attention), LSE_SLOTS=lse.shape[2])
+    rec = recent.reshape(b)
     kvp = (*keys.stride()[:3], *values.stride()[:3], *positions.stride(), *scores.stride(), *length.stride())
+    s_lg, s_lse = (lg.stride(0), lg.stride(1)), (lse.stride(0), lse.stride(1))
     with on_device(keys):
         if nsplit == 1:
             _h2o_row_kernel[(rows,)](
-                query, keys, values, positions, scores, length, keep, recent, lg, h, group, d, cap, first, d**-0.5,
-                *s_q, *kvp, *keep.stride(), recent.stride(0), lg.stride(0), lg.stride(1),
-                **prec, **blocks, BLOCK_S=config.block_s, num_warps=config.num_warps,
+                query, keys, values, positions, scores, length, keep, rec, window, lg, lse, h, group, d, first,
+                d**-0.5, *s_q, *kvp, *keep.stride(), rec.stride(0), *window.stride(), *s_lg, *s_lse,
+                **attn, **prec, **blocks, BLOCK_D=block_d, num_warps=config.num_warps,
             )  # fmt: skip
             return
         pm, pl, pv, pi = scratch.part_m, scratch.part_l, scratch.part_v, scratch.part_i
-        _h2o_logits_kernel[(rows, nsplit)](
-            query, keys, length, lg, pm, pl, h, group, d, nsplit, d**-0.5, *s_q, *keys.stride()[:3], *length.stride(),
-            lg.stride(0), lg.stride(1), pm.stride(0), pm.stride(1), **prec, **blocks, num_warps=config.num_warps,
+        if not from_attention:
+            _h2o_logits_kernel[(rows, nsplit)](
+                query, keys, length, lg, pm, pl, h, group, d, nsplit, d**-0.5, *s_q, *keys.stride()[:3],
+                *length.stride(), *s_lg, pm.stride(0), pm.stride(1), **prec, **blocks, BLOCK_D=block_d,
+                num_warps=config.num_warps,
+            )  # fmt: skip
+        fin = dict(BLOCK_P=max(2, triton.next_power_of_2(nsplit)), BLOCK_D=block_d)
+        rest = (*kvp, *keep.stride(), rec.stride(0), *window.stride())
+        fused = config.h2o_finish == "fused"
+        _h2o_select_kernel[(rows, nsplit)](
+            keys, values, positions, scores, length, keep, rec, window, lg, pm, pl, lse, pv, pi, scratch.count, h,
+            group, d, nsplit, first, pv.stride(0), *rest, *s_lg, pm.stride(0), pm.stride(1), *s_lse, **attn,
+            FINISH=fused, BLOCK_G=max(2, triton.next_power_of_2(group)), BLOCK_N=block_n, **fin,
+            num_warps=config.num_warps,
         )  # fmt: skip
-        _h2o_scores_kernel[(rows, nsplit)](
-            keys, values, positions, scores, length, recent, lg, pm, pl, pv, pi, scratch.nbuf,
-            scratch.side_k, scratch.side_v, scratch.side_p, scratch.side_e,
-            h, group, d, nsplit, first, scratch.side_p.stride(0), pv.stride(0), *kvp, recent.stride(0),
-            lg.stride(0), lg.stride(1), pm.stride(0), pm.stride(1), SIDE=scratch.side,
-            BLOCK_P=triton.next_power_of_2(nsplit), **blocks, num_warps=config.num_warps,
-        )  # fmt: skip
-    # the shift's chunks are the splits (the same `per`, from the same block)
-    shift_config = dataclasses.replace(config, block_n=block_n)
-    _shift(keys, values, positions, length, scores, rule=2, a=keep, c=recent.reshape(b), zero_extra=True, first=first,
-           parts=(pv, pi), chunks=nsplit, scratch=scratch, config=shift_config)  # fmt: skip
+        if not fused:
+            _h2o_finish_kernel[(rows,)](
+                keys, values, positions, scores, length, keep, rec, window, pv, pi, h, d, nsplit, pv.stride(0), *rest,
+                **fin, num_warps=1,
+            )  # fmt: skip

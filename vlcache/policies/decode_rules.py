@@ -10,8 +10,10 @@ therefore also provide a graph-safe form of the same update: `prepare_static(cac
 cache was reserved (`CompressedLayer.reserve`), sizes the rule's state to the reserved buffers; then
 `on_token_static` does what `on_token` does with fixed-shape device ops only, in place (`CompressedLayer.drop_`):
 no `.item()`/`.tolist()`/`bool(tensor)`, no data-dependent shapes, no re-allocation, the token count read from
-`seen_device`. Entries keep their order (deletion shifts later entries left, as `remove` does), because the
-rules' semantics depend on it (recent windows, Elastic's queue, StreamingLLM's consecutive positions).
+`seen_device`. Entries keep their order (deletion shifts later entries left, as `remove` does) where the rule's
+semantics depend on it (Elastic's queue, StreamingLLM's consecutive positions). H2O's Triton form does not: it
+finds its recent window by position and fills the victim's slot with the row's last entry, so a row's entries are
+those of the PyTorch form in another order (which attention does not see).
 
 On CUDA tensors (and CPU tensors under `TRITON_INTERPRET=1`) the graph-safe updates run as Triton kernels
 (vlcache/kernels/rule_ops.py: one to three launches per layer instead of 15-35 PyTorch ops); the PyTorch form
@@ -127,19 +129,51 @@ class H2O(DecodeRule):
         device (no copies inside the captured step)."""
         if not self.active:
             return
-        self.static_keep, self.static_recent = [], []
+        self.static_keep, self.static_recent, self.static_window = [], [], []
         self.static_scratch = None  # the Triton form's buffers, made at the first update (the group is known there)
+        self.logits_from = None  # the layer whose attention wrote the logits (`attention_logits`)
+        self._layers = cache.layers
         for layer_idx, layer in enumerate(cache.layers):
             s = self.scores[layer_idx]
             b, h, k = s.shape
-            self.scores[layer_idx] = torch.cat([s, s.new_zeros(b, h, max(layer.capacity - k, 0))], -1)
+            s = torch.cat([s, s.new_zeros(b, h, max(layer.capacity - k, 0))], -1)
+            live = torch.arange(s.shape[-1], device=s.device) < layer.length[..., None].to(s.device)
+            self.scores[layer_idx] = torch.where(live, s, 0.0)  # new slots start at 0
             self.static_keep.append(self.keep[layer_idx].to(layer.device))
             self.static_recent.append(self.recent[layer_idx].to(layer.device)[:, None, None])
+            # the Triton form's recent window, by position (its entries do not keep their order)
+            self.static_window.append(
+                rule_ops.h2o_window(layer.positions, layer.length, self.static_recent[-1], layer.seen)
+            )
+
+    def attention_logits(self, layer_idx: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Buffers for the fused step's attention to write this layer's logits into
+        (`rope_append_attention(logits=...)`), so `on_token_static` need not read the keys again; None where the
+        PyTorch form runs."""
+        layer = self._static_layer(layer_idx)
+        if layer is None:
+            return None
+        scratch = self._scratch(num_heads // layer.keys.shape[1], layer_idx)
+        self.logits_from = layer_idx
+        return scratch.logits, scratch.lse
+
+    def _static_layer(self, layer_idx: int):
+        layers = getattr(self, "_layers", None)
+        if not self.active or layers is None or not rule_ops.supported(layers[layer_idx].keys):
+            return None
+        return layers[layer_idx]
+
+    def _scratch(self, group: int, layer_idx: int) -> rule_ops.RuleScratch:
+        if self.static_scratch is None:  # the fast path's first step runs eagerly, before the capture
+            self.static_scratch = rule_ops.RuleScratch.for_layers(self._layers, side=1, group=group)
+        return self.static_scratch[layer_idx]
 
     def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
         """Graph-safe `on_token` (H2O, Zhang et al. 2023, Algorithm 1): the same running scores and victim,
         computed for every row and applied where the row is over its keep count (`count` 0 elsewhere) instead
-        of behind a host-side `any()`; scores and entries updated in place.
+        of behind a host-side `any()`; scores and entries updated in place. On CUDA (`rule_ops.h2o_step_`) the
+        victim's slot takes the row's last entry instead of the later entries shifting left, and the logits come
+        from the fused step's attention where it wrote them (`attention_logits`).
 
         `first = min(sinks, cap - 1)` with the reserved capacity gives the eager value: the capacity is at
         least `max keep + 2` on both paths while rows never exceed `keep + 1` entries, so the clamp only binds
@@ -151,10 +185,9 @@ class H2O(DecodeRule):
         cap = layer.capacity
         s = self.scores[layer_idx]
         first = min(self.sinks, cap - 1)
-        if rule_ops.supported(layer.keys):  # the same update in one to three launches
-            if self.static_scratch is None:  # the fast path's first step runs eagerly, before the capture
-                group = query.shape[1] // layer.keys.shape[1]
-                self.static_scratch = rule_ops.RuleScratch.for_layers(cache.layers, side=1, group=group)
+        if rule_ops.supported(layer.keys):  # the same update in one to three launches, the entries unordered
+            scratch = self._scratch(query.shape[1] // layer.keys.shape[1], layer_idx)
+            given, self.logits_from = self.logits_from == layer_idx, None
             rule_ops.h2o_step_(
                 query,
                 layer.keys,
@@ -164,8 +197,10 @@ class H2O(DecodeRule):
                 s,
                 self.static_keep[layer_idx],
                 self.static_recent[layer_idx],
+                self.static_window[layer_idx],
                 first,
-                self.static_scratch[layer_idx],
+                scratch,
+                from_attention=given,
             )
             return
         s.add_(decode_row_scores(query, layer.keys, layer.length))
