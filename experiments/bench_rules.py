@@ -11,7 +11,10 @@ heads, head dim 128, bf16) and per point (batch, prompt), a reserved `Compressed
 One decode step's rule work is, for every layer, the append of a random entry (`CompressedLayer.update`) and
 `on_token_static`. Each of three steps is captured in a CUDA graph: the appends alone, appends + the PyTorch form,
 appends + the Triton form; a graph is replayed ``--iters`` times between CUDA events, median over ``--repeats``
-(after ``--warmup`` eager steps). The rule's cost is the step minus the appends. Before timing, both forms run
+(after ``--warmup`` eager steps). The rule's cost is the step minus the appends. ``--with-attention``: every step
+(the appends' too) also runs the decode attention of each layer after its append, as the fused step does; H2O's
+Triton form then takes its logits from it, so its cost includes the attention's extra stores and not its own
+logits launch. Before timing, both forms run
 ``--check-steps`` steps on the same random inputs and their caches are compared (same lengths, same valid keys,
 values and positions; H2O's scores allclose; H2O's entries in position order, as its Triton form fills a victim's
 slot with the row's last entry). A difference fails the run, except H2O's, which is reported: its
@@ -22,7 +25,8 @@ Prints one table and writes JSON to ``--out``. Imports torch, triton, transforme
 
 Usage: python experiments/bench_rules.py [--points 1x2048,1x32768,1x131072,64x2048] [--rules h2o,fixed_point,rolling]
        [--repeats 20] [--iters 10] [--min-per-split N] [--block-n N] [--block-s N] [--num-warps N] [--shift-warps N]
-       [--precision ieee|tf32x3] [--h2o-finish fused|launch] [--kernels] [--tiny] [--out PATH]
+       [--precision ieee|tf32x3] [--h2o-finish fused|launch] [--with-attention]
+       [--select-block-n N] [--kernels] [--tiny] [--out PATH]
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from vlcache.cache import CompressedCache
 from vlcache.kernels import rule_ops
+from vlcache.kernels.decode_attention import decode_attention
 from vlcache.policies.decode_rules import H2O, FixedPoint, Rolling
 
 BUDGET = 0.1
@@ -107,14 +112,19 @@ def build(rule_name: str, batch: int, prompt: int, shape: Shape, device, seed: i
     return rule, cache
 
 
-def make_step(rule, cache, inputs):
+def make_step(rule, cache, inputs, attend: bool = False):
     """Every layer: the new entry appended, then the rule's update; without a rule, the append is undone (one more
-    launch per layer) so that the buffers do not overflow."""
+    launch per layer) so that the buffers do not overflow. `attend`: the decode attention after the append, as in
+    the fused step, writing H2O's logits where the rule takes them from there (`attention_logits`)."""
     k, v, q = inputs
+    hq = q.shape[2]
 
     def step():
         for i, layer in enumerate(cache.layers):
             layer.update(k[i], v[i])
+            if attend:
+                give = getattr(rule, "attention_logits", None)
+                decode_attention(q[i], layer.keys, layer.values, layer.length, logits=give and give(i, hq))
             if rule is not None:
                 rule.on_token_static(i, q[i], cache)
             else:
@@ -207,11 +217,11 @@ def compare(rules, caches, rule_name: str) -> dict:
     return {"rows_differing": differ, "equal": differ == 0, "h2o_score_max_rel_err": score_err}
 
 
-def launches(rule_name: str, batch: int, cap: int, shape: Shape, device) -> str:
+def launches(rule_name: str, batch: int, cap: int, shape: Shape, device, attend: bool) -> str:
     """The Triton form's launches per layer (rule_ops.py), from the row split the shapes give."""
     n = rule_ops.num_splits(batch * shape.kv_heads, cap, device)
-    if rule_name == "h2o":  # logits, scores, victim (the fused step's attention writes the logits: one fewer)
-        return "1" if n == 1 else "3"
+    if rule_name == "h2o":  # logits (unless the attention wrote them), scores and selection, victim (unless fused)
+        return "1" if n == 1 else str((not attend) + 1 + (rule_ops.DEFAULT_CONFIG.h2o_finish != "fused"))
     if rule_name == "rolling":
         return ("1" if n == 1 else "2") + " + sink re-rotation (PyTorch)"
     return "1"
@@ -249,7 +259,7 @@ def bench_point(rule_name, batch, prompt, shape, device, args) -> dict:
     for name in ("torch", "triton"):
         with form(name):
             rule, cache = build(rule_name, batch, prompt, shape, device, seed=0)
-        runners[name] = Runner(make_step(rule, cache, inputs), name, args.warmup, device)
+        runners[name] = Runner(make_step(rule, cache, inputs, args.with_attention), name, args.warmup, device)
         rules.append(rule)
         caches.append(cache)
     # the same inputs through both forms, step after step, then the caches compared
@@ -266,13 +276,12 @@ def bench_point(rule_name, batch, prompt, shape, device, args) -> dict:
         row["triton_kernels_us"] = kernel_times(runners["triton"])
     del rules, caches, runners
     _, cache = build(rule_name, batch, prompt, shape, device, seed=0)
-    row["append_ms"] = Runner(make_step(None, cache, inputs), "triton", args.warmup, device).time_ms(
-        args.repeats, args.iters
-    )
+    appends = Runner(make_step(None, cache, inputs, args.with_attention), "triton", args.warmup, device)
+    row["append_ms"] = appends.time_ms(args.repeats, args.iters)
     for name in ("torch", "triton"):
         row[f"{name}_rule_ms"] = row[f"{name}_step_ms"] - row["append_ms"]
     row["speedup"] = row["torch_rule_ms"] / max(row["triton_rule_ms"], 1e-9)
-    row["triton_launches_per_layer"] = launches(rule_name, batch, keep + RESERVED, shape, device)
+    row["triton_launches_per_layer"] = launches(rule_name, batch, keep + RESERVED, shape, device, args.with_attention)
     return row
 
 
@@ -290,7 +299,10 @@ def main() -> None:
     p.add_argument("--num-warps", type=int, help="rule_ops.RuleConfig override")
     p.add_argument("--shift-warps", type=int, help="rule_ops.RuleConfig override (the shift launch's warps)")
     p.add_argument("--precision", choices=["ieee", "tf32x3"], help="H2O's logits (rule_ops.RuleConfig)")
+    p.add_argument("--select-block-n", type=int, help="rule_ops.RuleConfig override (H2O's scores tile)")
     p.add_argument("--h2o-finish", choices=["fused", "launch"], help="H2O's victim pick (rule_ops.RuleConfig)")
+    p.add_argument("--with-attention", action="store_true", help="every form's step also runs the decode attention "
+                   "after each append (the appends' step too), so H2O's Triton form takes its logits from it")
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU under TRITON_INTERPRET=1, or CUDA)")
     p.add_argument("--kernels", action="store_true", help="also each Triton-form kernel's µs per step (profiler)")
     p.add_argument("--out", default="results/bench/rules_h200.json")
@@ -305,7 +317,8 @@ def main() -> None:
         args.repeats, args.iters, args.check_steps = min(args.repeats, 2), min(args.iters, 2), min(args.check_steps, 5)
         args.min_per_split = args.min_per_split or 32  # rows of a few hundred entries still split
         args.block_n = args.block_n or 16
-    names = ("min_per_split", "block_n", "block_s", "num_warps", "shift_warps", "precision", "h2o_finish")
+    names = ("min_per_split", "block_n", "block_s", "num_warps", "shift_warps", "precision", "h2o_finish",
+             "select_block_n")
     over = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     rule_ops.DEFAULT_CONFIG = dataclasses.replace(rule_ops.DEFAULT_CONFIG, **over)
 

@@ -27,8 +27,8 @@ DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
 pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1")
 
 # small tiles, so that rows of a few dozen entries span several, in one program per row or split over several
-ONE = RuleConfig(block_n=16, block_s=4, min_per_split=1024)
-SPLIT = RuleConfig(block_n=16, block_s=4, min_per_split=12, waves=64)
+ONE = RuleConfig(block_n=16, block_s=4, min_per_split=1024, select_block_n=16)
+SPLIT = RuleConfig(block_n=16, block_s=4, min_per_split=12, waves=64, select_block_n=16)
 
 
 @pytest.fixture(autouse=True)

@@ -57,7 +57,9 @@ LSE_SLOTS = triton.next_power_of_2(ATTENTION_CONFIG.max_splits)  # H2O: the atte
 @dataclasses.dataclass
 class RuleConfig:
     """Launch parameters. A row is split into at most ``max_splits`` chunks of at least ``min_per_split`` entries
-    (of the capacity), aiming at ``waves × SMs`` programs; ``block_n`` is the unit of a chunk and H2O's key tile,
+    (of the capacity), aiming at ``waves × SMs`` programs; ``block_n`` is the unit of a chunk and H2O's key tile
+    (``select_block_n`` its tile where it reads the logits, not the keys: the scores pass, and its one-program form
+    when the attention wrote the logits),
     ``block_s`` the shift's tile, ``shift_warps`` its warps. ``precision``: how H2O's float32 logits are computed
     (``"auto"``: ``"split"`` for 16-bit keys, ``"ieee"`` for float32 ones): ``"split"``, the scaled query as three
     parts of the keys' 16-bit type (their sum is the query to float32 precision) on tensor cores, each part's
@@ -70,6 +72,11 @@ class RuleConfig:
     862 against 953 µs a step at batch 1, 128K prompt, and 761 against 851 at batch 64, 2K; the fixed point's update
     0.446 against 0.489 ms at batch 64, 2K (results/bench/rules_h2o_warps_h200.json, rules_fp_warps_h200.json). H2O's
     logits and scores passes were slower with 8 (634 against 469 µs at batch 1, 128K), so they keep ``num_warps``.
+
+    ``select_block_n`` 128: with the logits from the attention, H2O's update took 0.487 → 0.385 ms a step at batch 1,
+    128K prompt, 0.434 → 0.320 at batch 4, 32K and 0.427 → 0.375 at batch 64, 2K against 64, and within 0.01 ms at
+    batch 1 and 2K and 32K (256: 0.366, 0.318, 0.383; H200, bench_rules.py --with-attention --select-block-n,
+    results/bench/rules_h2o_attn_sel*_h200.json, one call).
 
     ``h2o_finish``: where H2O's split rows pick their victim: ``"fused"``, the row's last split program to finish
     (after a per-row atomic counter), or ``"launch"``, a launch of its own. Alone the two are as fast (0.217 /
@@ -84,6 +91,7 @@ class RuleConfig:
     decisions at batch 64, 2K prompt, was 4.1e-8 apart in float64 (experiments/h2o_split_check.py)."""
 
     block_n: int = 64
+    select_block_n: int = 128
     block_s: int = 32
     waves: int = 4
     min_per_split: int = 64
@@ -795,7 +803,9 @@ def h2o_step_(
     prec = dict(MODE=mode, UPCAST=interpreting())
     # float32 FMA dots of 64 float32 keys spill registers on sm_90 (ptxas): 32 there
     block_n = min(config.block_n, 32) if mode == "ieee" else config.block_n
-    blocks = dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n)
+    blocks = dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n)  # 16: tl.dot's least M
+    small_g = max(2, triton.next_power_of_2(group))  # without the logits pass: no tl.dot, no padded heads
+    sel_n = config.select_block_n
     block_d = max(16, triton.next_power_of_2(d))
     s_q = (query.stride(0), query.stride(1), query.stride(3))
     lg, lse = scratch.logits, scratch.lse
@@ -808,7 +818,8 @@ def h2o_step_(
             _h2o_row_kernel[(rows,)](
                 query, keys, values, positions, scores, length, keep, rec, window, lg, lse, h, group, d, first,
                 d**-0.5, *s_q, *kvp, *keep.stride(), rec.stride(0), *window.stride(), *s_lg, *s_lse,
-                **attn, **prec, **blocks, BLOCK_D=block_d, num_warps=config.num_warps,
+                **attn, **prec, **(dict(BLOCK_G=small_g, BLOCK_N=sel_n) if from_attention else blocks), BLOCK_D=block_d,
+                num_warps=config.num_warps,
             )  # fmt: skip
             return
         pm, pl, pv, pi = scratch.part_m, scratch.part_l, scratch.part_v, scratch.part_i
@@ -824,7 +835,7 @@ def h2o_step_(
         _h2o_select_kernel[(rows, nsplit)](
             keys, values, positions, scores, length, keep, rec, window, lg, pm, pl, lse, pv, pi, scratch.count, h,
             group, d, nsplit, first, pv.stride(0), *rest, *s_lg, pm.stride(0), pm.stride(1), *s_lse, **attn,
-            FINISH=fused, BLOCK_G=max(2, triton.next_power_of_2(group)), BLOCK_N=block_n, **fin,
+            FINISH=fused, BLOCK_G=small_g, BLOCK_N=sel_n, **fin,
             num_warps=config.num_warps,
         )  # fmt: skip
         if not fused:
