@@ -36,6 +36,10 @@ Two launches:
 the group's queries and the new key from the fused q/k/v projection, the new entry written by split 0, which also
 takes it into its softmax from registers; the length advances once every split has read it.
 
+With ``logits`` (padded layout) the split kernel also stores each valid entry's float32 logit (log2 domain) and
+each split's log2-sum-exp2 into the caller's buffers: H2O's decode rule reads its attention row from there instead of
+reading the keys again (rule_ops.h2o_step_).
+
 Ragged storage (``bounds``, from ``CompressedLayer.reserve_ragged``): ``k``/``v`` are ``[1, Hkv, T, D]`` with the
 rows of sequence ``b`` at token slots ``[bounds[b], bounds[b + 1])`` of each KV head, so each sequence holds its
 own capacity rather than the batch's longest row; the ``RAGGED`` form of ``_split_kernel`` offsets by

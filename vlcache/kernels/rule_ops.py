@@ -68,7 +68,8 @@ class RuleConfig:
     2^-21 relative).
 
     ``shift_warps`` 8 rather than ``num_warps``' 4: a shift program's serial tiles (load all, then store all: their
-    sources and destinations overlap) spread over more threads. On an H200 (bench_rules.py --kernels) H2O's shift took
+    sources and destinations overlap) spread over more threads. On an H200 (bench_rules.py --kernels) H2O's shift (when
+    H2O still shifted) took
     862 against 953 µs a step at batch 1, 128K prompt, and 761 against 851 at batch 64, 2K; the fixed point's update
     0.446 against 0.489 ms at batch 64, 2K (results/bench/rules_h2o_warps_h200.json, rules_fp_warps_h200.json). H2O's
     logits and scores passes were slower with 8 (634 against 469 µs at batch 1, 128K), so they keep ``num_warps``.
@@ -399,11 +400,11 @@ def shift_rows_(
     """Deletes entries `[start[b, h], start[b, h] + count[b, h])` of each row, in place: the later valid entries
     move left (only those: from `start` to the row's old length), and `length -= count`.
 
-    `keys`/`values` `[B, H, cap, D]`, `positions` `[B, H, cap]`, `extra` (optional float32 `[B, H, cap]`, H2O's
+    `keys`/`values` `[B, H, cap, D]`, `positions` `[B, H, cap]`, `extra` (optional float32 `[B, H, cap]`, e.g.
     running scores) move together. On the new valid region `[0, length - count)` the result equals
     `CompressedLayer.drop_` (and `_drop_block` for `extra`). Beyond it the slots `[length - count, length)` keep their
     old entries (the last `count`, now also shifted) and the spare room is untouched; with `zero_extra`, `extra` is
-    0 from the new length on (H2O: freed slots restart at 0). `start + count <= length` is expected (the rules
+    0 from the new length on (freed slots restart at 0). `start + count <= length` is expected (the rules
     guarantee it); a negative `start` counts as 0.
 
     `chunks`: programs per row (default `num_splits`; 1: no save launch); `scratch`: preallocated buffers (else
@@ -707,7 +708,10 @@ def _h2o_select_kernel(
     tl.store(at + 3, oslot)
     tl.store(at + 4, nxt)
     if FINISH:
-        # acq_rel: this split's stores are visible to the last one, which sees all the others'
+        # every thread's stores before the counter (the barrier), which is acq_rel: the last split sees the others'
+        # (the barrier cost nothing measurable: 0.365 / 0.325 / 0.377 ms at (1, 128K) / (4, 32K) / (64, 2K) against
+        # 0.382 / 0.333 / 0.377, bench_rules.py --with-attention, results/bench/rules_h2o_attn_barrier_h200.json)
+        tl.debug_barrier()
         if tl.atomic_add(cnt_ptr + row, 1) == NSPLIT - 1:
             tl.store(cnt_ptr + row, 0)
             _reduce_finish(row, k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr, pv_ptr, pi_ptr,
