@@ -200,3 +200,24 @@ def test_fixed_point_block_equals_the_eager_loop():
             assert _valid(layer, layer.positions) == _valid(other, other.positions)
             assert _valid(layer, layer.keys) == _valid(other, other.keys)
     assert most >= 2  # the block form was exercised
+
+
+def test_h2o_window_starts_at_the_recent_newest_position():
+    """`rule_ops.h2o_window` (where H2O's unordered Triton form starts its recent window): the `recent`-th newest of
+    each row's entries and the next token, the oldest where the row holds fewer, none (above every position) for
+    `recent` 0; against a loop over rows of random lengths and sorted distinct positions."""
+    from vlcache.kernels.rule_ops import h2o_window
+
+    gen = torch.Generator().manual_seed(3)
+    b, h, cap, nxt = 4, 3, 12, 500
+    positions = torch.randperm(400, generator=gen)[: b * h * cap].view(b, h, cap).sort(-1).values
+    length = torch.randint(0, cap + 1, (b, h), generator=gen)
+    length[0, 0] = 0
+    recent = torch.tensor([0, 1, 5, 30])
+    got = h2o_window(positions, length, recent, nxt)
+    for i in range(b):
+        for j in range(h):
+            row = positions[i, j, : int(length[i, j])].tolist() + [nxt]
+            r = int(recent[i])
+            want = 2**62 if r == 0 else sorted(row)[max(len(row) - r, 0)]
+            assert int(got[i, j]) == want, (i, j, r, row)
