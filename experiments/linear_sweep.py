@@ -38,6 +38,19 @@ GRID_DEEP = [
     LinearConfig(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)
     for bn, bk, nw, st in itertools.product((16, 32, 64), (128, 256), (4, 8), (4, 6, 8))
 ]
+# 17-64 rows (one 64-row tile): wider column tiles, so fewer programs re-read the input, and K split between
+# programs, so the narrow projections still fill the GPU
+GRID_WIDE = [
+    LinearConfig(block_n=bn, block_k=bk, num_warps=nw, num_stages=st, split_k=sk)
+    for bn, bk, nw, st, sk in itertools.product((64, 128), (64, 128), (4, 8), (3, 5), (1, 2, 4))
+    if not (bn == 128 and bk == 128 and st == 5)  # beyond shared memory
+]
+# around GRID_WIDE's best (64 columns, 128 of K, 5 stages): narrower tiles, longer K steps, deeper pipelines
+GRID_WIDE_DEEP = [
+    LinearConfig(block_n=bn, block_k=bk, num_warps=4, num_stages=st, split_k=sk)
+    for bn, bk, st, sk in itertools.product((32, 64), (64, 128, 256), (4, 5, 6), (1, 2))
+    if bn * bk * st <= 64 * 128 * 6  # beyond shared memory
+]
 
 
 def time_form(rows, name, batch, form, weights, fn, bw, err=None) -> dict:
@@ -56,6 +69,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--deep", action="store_true", help="GRID_DEEP instead of GRID (not for swiglu)")
+    ap.add_argument("--wide", action="store_true", help="GRID_WIDE, for 17-64 rows (e.g. --batches 64)")
+    ap.add_argument("--wide-deep", action="store_true", help="GRID_WIDE_DEEP, for 17-64 rows")
     ap.add_argument("--out", default="results/bench/linear_sweep.json")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -76,8 +91,11 @@ def main() -> None:
                 base = time_form(rows, name, batch, "cublas", weights, lambda w, x=x: F.linear(x, w), bw)
             fn = swiglu_linear if swiglu else decode_linear
             best = None
-            for cfg in GRID_SWIGLU if swiglu else GRID_DEEP if args.deep else GRID:
-                tag = f"bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+            grids = ((args.wide_deep, GRID_WIDE_DEEP), (args.wide, GRID_WIDE), (swiglu, GRID_SWIGLU),
+                     (args.deep, GRID_DEEP))  # fmt: skip
+            grid = next((g for on, g in grids if on), GRID)
+            for cfg in grid:
+                tag = f"bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} k{cfg.split_k}"
                 try:
                     out = fn(x, weights[0], config=cfg).float()
                 except Exception as e:  # noqa: BLE001  (a config too large for shared memory: skipped)

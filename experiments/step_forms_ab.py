@@ -6,7 +6,9 @@ what the step ran before:
 * ``norm-launch`` (until the RMSNorms were split between the projections' epilogues, 2026-11-22): the output and
   down projections, then `rms_norm`, two launches where `residual_norm_linear` is one;
 * ``cublas-qkv-gu`` (until q/k/v and gate/up ran on Triton, 2026-11-21): that, with cuBLAS (`F.linear`) for q/k/v
-  and gate/up, then `silu_mul`.
+  and gate/up, then `silu_mul`;
+* ``narrow-only`` (until 17-64 rows ran on Triton, 2026-11-22): beyond 16 rows cuBLAS, `rms_norm` and `silu_mul`;
+* ``wide-*``: the current step with one projection's 17-64-row launch config (`LinearConfig.wide`) replaced.
 
 Each times bench_decode's real-size model on its synthetic caches (`decode_fast`, CUDA graph, steady state),
 alternating for ``--rounds`` rounds, and checks whether the forms give the same tokens (bf16: the fold rounds
@@ -18,7 +20,9 @@ differently, so random weights' near-tied logits may part).
 results/bench/step_forms_ab_h200.json is the run of ``cublas-qkv-gu`` against what is now ``norm-launch``;
 step_forms_ab_normloop_h200.json's ``current`` is a form not kept, the norm folded into the consumer's tile loads;
 step_forms_ab_early_h200.json's ``current`` is another, the norm operands loaded before the K loop, against
-``late-norm-loads``, the form kept (loads in the epilogue).
+``late-norm-loads``, the form kept (loads in the epilogue); in step_forms_ab_wide_h200.json (``--points 64x2048
+--budgets 0.1,1.0 --rounds 2 --new-tokens 50``) ``current`` ran gate/up's 64-row tile at 128 of K, 4 stages, and
+``wide-sw-bk64s4`` is what `SWIGLU_CONFIG.wide` is now.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from experiments.bench_decode import IMAGE_TOKEN, TextAdapter, build_model, mode
 from vlcache.engine import fused_decode
 from vlcache.engine.attention import ForwardContext
 from vlcache.engine.fast_decode import decode_fast
+from vlcache.kernels import linear
 from vlcache.kernels.fused_ops import rms_norm, silu_mul
-from vlcache.kernels.linear import Normed, decode_linear
+from vlcache.kernels.linear import LinearConfig, Normed, decode_linear
 
 
 def _norm_launch(x, w, bias, residual, norm_w, eps, *, config=None):
@@ -56,9 +61,28 @@ FORMS = {
 }
 
 
+# 17-64-row configs: (which config's `wide`, its replacement)
+WIDE = {"swiglu": linear.SWIGLU_CONFIG, "default": linear.DEFAULT_CONFIG, "qkv": linear.QKV_CONFIG}
+WIDE_NOW = {k: c.wide for k, c in WIDE.items()}
+WIDE_FORMS = {
+    "wide-sw-bk64s3": ("swiglu", LinearConfig(block_n=64, block_k=64, num_warps=4, num_stages=3)),
+    "wide-sw-bk64s4": ("swiglu", LinearConfig(block_n=64, block_k=64, num_warps=4, num_stages=4)),
+    "wide-sw-bk128s3": ("swiglu", LinearConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)),
+    "wide-dn-s4": ("default", LinearConfig(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=2)),
+    "wide-qkv-s6": ("qkv", LinearConfig(block_n=64, block_k=128, num_warps=4, num_stages=6)),
+}
+MAX_ROWS_WIDE = linear.MAX_ROWS_WIDE
+
+
 def _use(form: str) -> None:
-    for name, fn in FORMS[form].items():
+    for name, fn in FORMS.get(form, CURRENT).items():
         setattr(fused_decode, name, fn)
+    for k, c in WIDE.items():
+        c.wide = WIDE_NOW[k]
+    if form in WIDE_FORMS:
+        which, cfg = WIDE_FORMS[form]
+        WIDE[which].wide = cfg
+    linear.MAX_ROWS_WIDE = linear.MAX_ROWS if form == "narrow-only" else MAX_ROWS_WIDE
 
 
 def step_ms(adapter, cfg, batch, prompt, budget, new_tokens, device) -> tuple[float, list[list[int]]]:
@@ -87,6 +111,9 @@ def main() -> None:
     device = torch.device("cuda")
     points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
     forms = args.forms.split(",")
+    known = [*FORMS, *WIDE_FORMS, "narrow-only"]
+    if any(f not in known for f in forms):
+        ap.error(f"--forms {args.forms!r}: each one of {', '.join(known)}")
     cfg = model_config(False, max(32768, max(p for _, p in points) + args.new_tokens + 8))
     adapter = TextAdapter(build_model(cfg, device), device)
     rows = []

@@ -165,21 +165,23 @@ def test_rope_append_rounds_as_transformers(backend):
     assert torch.equal(q, q_hf) and torch.equal(keys[:, :, :1], k_hf)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_fused_step_equals_module_step(kind):
+@pytest.mark.parametrize(("kind", "batch"), [(k, 3) for k in KINDS] + [(KINDS[0], 21)])
+def test_fused_step_equals_module_step(kind, batch):
     """Three decode steps of a ragged batch: the fused step's logits and cache equal the module path's (float32;
-    with TRITON_INTERPRET=1 or on CUDA the Triton kernels run, else the PyTorch forms)."""
+    with TRITON_INTERPRET=1 or on CUDA the Triton kernels run, else the PyTorch forms; under the interpreter 21
+    rows take the projections' 64-row tier)."""
     model = tiny_lm(kind).to(DEVICE)
-    ref_cache = ragged_cache(model, batch=3, prompt=11, room=4)
-    cache = ragged_cache(model, batch=3, prompt=11, room=4)
+    ref_cache = ragged_cache(model, batch=batch, prompt=11, room=4)
+    cache = ragged_cache(model, batch=batch, prompt=11, room=4)
     for a, b in zip(ref_cache.layers, cache.layers):
         a.length, b.length = a.length.to(DEVICE), b.length.to(DEVICE)
     ref_cache.layers = [_to(layer) for layer in ref_cache.layers]
     cache.layers = [_to(layer) for layer in cache.layers]
     seen = cache.share_seen()
     decoder = FusedDecoder(model)
-    tokens = torch.tensor([5, 17, 96], device=DEVICE)
-    positions = torch.tensor([11, 9, 4], device=DEVICE)  # left-padded rows start their positions later
+    tokens = torch.tensor([5, 17, 96] + [(7 * i) % 97 for i in range(batch - 3)], device=DEVICE)
+    # left-padded rows start their positions later
+    positions = torch.tensor([11, 9, 4] + [11 - i % 8 for i in range(batch - 3)], device=DEVICE)
     with torch.inference_mode():
         for _ in range(3):
             ref = module_step(model, ref_cache, tokens, positions)

@@ -9,23 +9,24 @@ graph. This step computes the same function as the model's forward with the comp
     h, x = residual_norm_linear(a, W_o, h, w_post)  # h += a @ W_o, x = RMSNorm(h): the norm in the epilogue
     h, x = residual_norm_linear(swiglu(x @ W_gate_up), W_down, h, w_in')  # SwiGLU in gate/up's epilogue
 
-so five or six launches per layer instead of fifty, up to 16 sequences with 16-bit weights (beyond, the norms and
-SwiGLU are launches of their own, `rms_norm` and `silu_mul`, and the projections cuBLAS's: seven or eight). Up to
-16 sequences the four projections are Triton kernels (`vlcache.kernels.linear`): the output and down projections
-without cuBLAS's split-K reduction launch, q/k/v a little faster than cuBLAS, and gate/up with SwiGLU applied in
-its epilogue (`swiglu_linear`) (results/bench/linear_sweep_h200.json and linear_sweep_swiglu_qkv_h200.json; the last
-two took 0.08-0.13 ms off a step at batch 1 and 4, experiments/step_forms_ab.py). A norm needs a whole row and a
-projection's program owns a few columns, so each norm is split between two launches: the producer's epilogue writes
-``h``, ``h · w_norm`` and its columns' sums of ``h²``, the consumer scales its sums by each row's ``1 / rms`` in its
-own epilogue. (Folding the norm into the consumer's loads instead, ``h`` and the residual read and added per tile,
-was slower, 4.17 → 5.28 ms a step at batch 1, 2K prompt, budget 0.1: the input tiles then go through registers, and
-the loop no longer keeps them in flight.) The q/k/v and gate/up weights are concatenated once (`fuse_projections`);
-the model's own `Linear` weights become views of the fused tensors, so no memory is added and the model's forward
-still works. Cosine and sine come from the model's own rotary module (every RoPE scaling type it implements).
-Rounding follows transformers' operations, so tokens match the module path (tests/test_fused_decode.py), but for
-the split norm, which rounds ``h · w_norm`` where transformers rounds ``h / rms`` then ``w_norm ·`` that (equal to
-the 16-bit type's rounding; float32 weights on CUDA keep the separate launches). Decode rules that watch every
-token get `on_decode(layer, query)` as there.
+so five or six launches per layer instead of fifty, up to 64 sequences with 16-bit weights (beyond, the norms and
+SwiGLU are launches of their own, `rms_norm` and `silu_mul`, and the projections cuBLAS's: seven or eight). Up to 64
+sequences the four projections are Triton kernels (`vlcache.kernels.linear`): the output and down projections
+without cuBLAS's split-K reduction launch, q/k/v a little faster than cuBLAS, and gate/up with SwiGLU applied in its
+epilogue (`swiglu_linear`) (results/bench/linear_sweep_h200.json and linear_sweep_swiglu_qkv_h200.json; the last two
+took 0.08-0.13 ms off a step at batch 1 and 4, experiments/step_forms_ab.py); 17-64 sequences take a 64-row tile
+with K split between programs where that fills the GPU (0.25 ms off a step at batch 64, linear.py says). A norm
+needs a whole row and a projection's program owns a few columns, so each norm is split between two launches: the
+producer's epilogue writes ``h``, ``h · w_norm`` and its columns' sums of ``h²``, the consumer scales its sums by
+each row's ``1 / rms`` in its own epilogue. (Folding the norm into the consumer's loads instead, ``h`` and the
+residual read and added per tile, was slower, 4.17 → 5.28 ms a step at batch 1, 2K prompt, budget 0.1: the input
+tiles then go through registers, and the loop no longer keeps them in flight.) The q/k/v and gate/up weights are
+concatenated once (`fuse_projections`); the model's own `Linear` weights become views of the fused tensors, so no
+memory is added and the model's forward still works. Cosine and sine come from the model's own rotary module (every
+RoPE scaling type it implements). Rounding follows transformers' operations, so tokens match the module path
+(tests/test_fused_decode.py), but for the split norm, which rounds ``h · w_norm`` where transformers rounds
+``h / rms`` then ``w_norm ·`` that (equal to the 16-bit type's rounding; float32 weights on CUDA keep the separate
+launches). Decode rules that watch every token get `on_decode(layer, query)` as there.
 
 Supported: text models whose `model_type` is llama, mistral or qwen2 (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision
 language models, the embedded model) with SiLU MLPs, on one device. `unsupported_reason` says why not.
