@@ -8,18 +8,35 @@ layers' own buffers), split launch included, with the default `DecodeConfig`.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
 
 import torch
 
-from experiments.bench_decode import graph_ms
-from experiments.decode_kernel_sweep import LAYERS, layers
+from experiments.decode_kernel_sweep import Check, Step, sweep_forms
 
 da = importlib.import_module("vlcache.kernels.decode_attention")  # the module (the package exports the function)
 
 FORMS = [(128, 4), (64, 2), (32, 2), (32, 1), (16, 1)]  # (COMBINE_BLOCK_D, COMBINE_WARPS); (128, 4): one program
+
+
+def forms_for(batch: int, q: torch.Tensor, lay: list) -> tuple[dict[str, Step], Check]:
+    """The decode attention over every layer with each of `FORMS`, checked on layer 0 against its attention as
+    launched before the forms (the merge is the same whichever programs do it)."""
+    ref = da.decode_attention(q, *lay[0])
+
+    def step(bd: int, nw: int) -> list[torch.Tensor]:
+        # module globals read at each launch: set inside the step, so the graph captures this form's launch
+        da.COMBINE_BLOCK_D, da.COMBINE_WARPS = bd, nw
+        return [da.decode_attention(q, k, v, n) for k, v, n in lay]
+
+    def check(name: str, out: list[torch.Tensor]) -> None:
+        diff = float((out[0].float() - ref.float()).abs().max())
+        assert diff <= 2**-7 * float(ref.float().abs().max()), (name, diff)  # the same merge, to bf16 rounding
+
+    return {f"{bd}/{nw}": functools.partial(step, bd, nw) for bd, nw in FORMS}, check
 
 
 def main() -> None:
@@ -30,26 +47,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "combine_sweep.json"))
     args = ap.parse_args()
     device = torch.device("cuda")
-    rows = []
-    for point in args.points.split(","):
-        batch, prompt = (int(x) for x in point.split("x"))
-        for budget in (float(b) for b in args.budgets.split(",")):
-            q, lay = layers(batch, max(1, round(budget * prompt)), device)
-            ref = da.decode_attention(q, *lay[0])
-            times: dict[str, list[float]] = {}
-            for _ in range(args.rounds):  # alternating, so drift between forms cancels
-                for bd, nw in FORMS:
-                    da.COMBINE_BLOCK_D, da.COMBINE_WARPS = bd, nw
-                    diff = float((da.decode_attention(q, *lay[0]).float() - ref.float()).abs().max())
-                    assert diff <= 2**-7 * float(ref.float().abs().max()), diff  # the same merge, to bf16 rounding
-                    ms = graph_ms(lambda q=q, lay=lay: [da.decode_attention(q, k, v, n) for k, v, n in lay])
-                    times.setdefault(f"{bd}/{nw}", []).append(ms * 1e3 / LAYERS)
-            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-            rows.append(dict(point=point, budget=budget, us_per_layer=med, all=times))
-            print(f"{point} budget {budget}: " + "  ".join(f"{k} {v:6.2f}" for k, v in med.items()) + " us/layer",
-                  flush=True)  # fmt: skip
-            del lay
-            torch.cuda.empty_cache()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    rows = sweep_forms(args.points.split(","), budgets, args.rounds, device, forms_for)
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(device), rows=rows), f, indent=1)
 

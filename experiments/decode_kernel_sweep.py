@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -50,6 +51,49 @@ def layers(batch: int, n: int, device, seed: int = 0):
         out.append((k, v, length.clamp(1, cap)))
     q = torch.randn(batch, HQ, 1, D, device=device, dtype=torch.bfloat16, generator=g)
     return q, out
+
+
+Step = Callable[[], object]
+"""One form of the work timed at a point: what `graph_ms` captures (its result is what a `Check` sees)."""
+Check = Callable[[str, object], None]
+"""Raises where a form's result (`check(name, step())`) is wrong."""
+
+
+def sweep_forms(
+    points: Sequence[str],
+    budgets: Sequence[float],
+    rounds: int,
+    device: torch.device,
+    forms_for: Callable[[int, torch.Tensor, list], tuple[dict[str, Step], Check | None]],
+) -> list[dict]:
+    """Times forms of one step against each other, as the sweep above times the attention: at each point
+    (``BATCHxPROMPT``) and budget, one CUDA graph of a form over `layers`' 32 layers' own buffers (`graph_ms`).
+
+    `forms_for(batch, q, lay)` (the point's query and layers) returns the forms, name -> step in the order they are
+    timed, and a check or None. Each form is checked once, before the timing (it is the same work every round);
+    then `rounds` rounds time every form in turn, so drift between forms cancels. Prints each point's medians
+    (µs per layer) and returns one row per point and budget: `point`, `budget`, `us_per_layer` (the medians by
+    form) and `all` (every round's)."""
+    rows = []
+    for point in points:
+        batch, prompt = (int(x) for x in point.split("x"))
+        for budget in budgets:
+            q, lay = layers(batch, max(1, round(budget * prompt)), device)
+            forms, check = forms_for(batch, q, lay)
+            if check is not None:
+                for name, step in forms.items():
+                    check(name, step())
+            times: dict[str, list[float]] = {name: [] for name in forms}
+            for _ in range(rounds):
+                for name, step in forms.items():
+                    times[name].append(graph_ms(step) * 1e3 / LAYERS)
+            med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            rows.append(dict(point=point, budget=budget, us_per_layer=med, all=times))
+            print(f"{point} budget {budget}: " + "  ".join(f"{k} {v:6.2f}" for k, v in med.items()) + " us/layer",
+                  flush=True)  # fmt: skip
+            del q, lay, forms, check  # the forms' closures hold the layers too
+            torch.cuda.empty_cache()
+    return rows
 
 
 def configs(full_only: bool, wide: bool = False) -> list[DecodeConfig]:

@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from experiments.bench_decode import graph_ms
-from experiments.decode_kernel_sweep import HQ, LAYERS, D, layers
+from experiments.decode_kernel_sweep import HQ, LAYERS, D, Step, sweep_forms
 from vlcache.kernels.decode_attention import decode_attention
 from vlcache.kernels.linear import decode_linear
 
@@ -60,40 +59,32 @@ def main() -> None:
     dev = torch.device("cuda")
     w_o = [torch.randn(HQ * D, HQ * D, device=dev, dtype=torch.bfloat16) * 0.01 for _ in range(LAYERS)]
     sink = torch.zeros(1 << 16, device=dev)
-    rows = []
-    for point in args.points.split(","):
-        batch, prompt = (int(x) for x in point.split("x"))
-        for budget in (float(b) for b in args.budgets.split(",")):
-            q, lay = layers(batch, max(1, round(budget * prompt)), dev)
-            side = torch.cuda.Stream()
 
-            def plain(q=q, lay=lay, batch=batch):
-                for (k, v, n), w in zip(lay, w_o):
-                    decode_linear(decode_attention(q, k, v, n).view(batch, -1), w)
+    def forms_for(batch: int, q: torch.Tensor, lay: list) -> tuple[dict[str, Step], None]:
+        """The three forms (the module docstring) over this point's layers; nothing to check (the prefetch only
+        reads)."""
+        side = torch.cuda.Stream()
 
-            def fetched(join_each: bool, q=q, lay=lay, batch=batch, side=side):
-                main_s = torch.cuda.current_stream()
-                for (k, v, n), w in zip(lay, w_o):
-                    side.wait_stream(main_s)
-                    with torch.cuda.stream(side):
-                        prefetch(w, sink)
-                    a = decode_attention(q, k, v, n)
-                    if join_each:
-                        main_s.wait_stream(side)
-                    decode_linear(a.view(batch, -1), w)
-                main_s.wait_stream(side)
+        def plain() -> None:
+            for (k, v, n), w in zip(lay, w_o):
+                decode_linear(decode_attention(q, k, v, n).view(batch, -1), w)
 
-            forms = {"plain": plain, "prefetch": lambda f=fetched: f(False), "prefetch-join": lambda f=fetched: f(True)}
-            times: dict[str, list[float]] = {f: [] for f in forms}
-            for _ in range(args.rounds):
-                for f, fn in forms.items():
-                    times[f].append(graph_ms(fn) * 1e3 / LAYERS)
-            med = {f: sorted(t)[len(t) // 2] for f, t in times.items()}
-            rows.append(dict(point=point, budget=budget, us_per_layer=med, all=times))
-            print(f"{point} budget {budget}: " + "  ".join(f"{f} {v:6.2f}" for f, v in med.items()) + " us/layer",
-                  flush=True)  # fmt: skip
-            del lay
-            torch.cuda.empty_cache()
+        def fetched(join_each: bool) -> None:
+            main_s = torch.cuda.current_stream()
+            for (k, v, n), w in zip(lay, w_o):
+                side.wait_stream(main_s)
+                with torch.cuda.stream(side):
+                    prefetch(w, sink)
+                a = decode_attention(q, k, v, n)
+                if join_each:
+                    main_s.wait_stream(side)
+                decode_linear(a.view(batch, -1), w)
+            main_s.wait_stream(side)
+
+        return {"plain": plain, "prefetch": lambda: fetched(False), "prefetch-join": lambda: fetched(True)}, None
+
+    budgets = [float(b) for b in args.budgets.split(",")]
+    rows = sweep_forms(args.points.split(","), budgets, args.rounds, dev, forms_for)
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(dev), rows=rows), f, indent=1)
 

@@ -52,6 +52,7 @@ __all__ = [
 
 _BIG = tl.constexpr(2**62)  # the index of "no candidate" in partial argmins
 LSE_SLOTS = triton.next_power_of_2(ATTENTION_CONFIG.max_splits)  # H2O: the attention's splits, at most
+_PARTS = 5  # H2O's int64 selection partials per split (`RuleScratch.part_i`): see `_h2o_select_kernel`
 
 
 @dataclasses.dataclass
@@ -122,7 +123,8 @@ def num_splits(rows: int, cap: int, device: torch.device, config: RuleConfig | N
 class RuleScratch:
     """Buffers for the launches of one device, allocated once (`prepare_static`) and shared by the layers.
 
-    `side_*`: each chunk's first `side` entries (keys, values, positions, the extra row); `nbuf`: each row's length
+    `side_*`: each chunk's first `side` entries (keys, values, positions, the extra row; H2O, which never shifts,
+    makes them with `side` 0: empty, and its launches are not given them); `nbuf`: each row's length
     before the update (read by the shift while its first program rewrites `length`); with `group`, H2O's float32
     logits `[rows, group, cap]` (written by its own launch or by the attention, with its per-split log2-sum-exp2s
     `lse`), per-split softmax max/sum and selection partials.
@@ -144,7 +146,7 @@ class RuleScratch:
             self.part_m = torch.zeros(rows, splits, group, dtype=f32, device=dev)
             self.part_l = torch.zeros_like(self.part_m)
             self.part_v = torch.zeros(rows, splits, dtype=f32, device=dev)
-            self.part_i = torch.zeros(rows, splits, 6, dtype=torch.long, device=dev)
+            self.part_i = torch.zeros(rows, splits, _PARTS, dtype=torch.long, device=dev)
             self.count = torch.zeros(rows, dtype=torch.int32, device=dev)  # splits done per row (0 between steps)
 
     @classmethod
@@ -356,6 +358,8 @@ def _shift(
         scratch = RuleScratch(keys, cap, nchunk, side)
     if scratch is not None:
         scratch.check(keys, nchunk)
+        if nchunk > 1 and scratch.side < 1:  # (H2O's scratch) the save launch copies at least one entry a chunk
+            raise ValueError("the chunked shift needs a scratch with side >= 1; this one has no side buffers")
         side = scratch.side
         sk, sv, sp, se = scratch.side_k, scratch.side_v, scratch.side_p, scratch.side_e
         nbuf, s_sr = scratch.nbuf, scratch.side_p.stride(0)
@@ -637,13 +641,13 @@ def _reduce_finish(
     row, k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr, pv_ptr, pi_ptr,
     H, D, NSPLIT, s_pr,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    PARTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Row `row`'s split partials reduced (lowest score, then oldest), then `_h2o_finish`."""
     b, h = row // H, row % H
     sp = tl.arange(0, BLOCK_P)
     ok = sp < NSPLIT
-    at = pi_ptr + (row * s_pr + sp) * 6
+    at = pi_ptr + (row * s_pr + sp) * PARTS
     val = tl.load(pv_ptr + row * s_pr + sp, mask=ok, other=float("inf"))
     bp = tl.load(at, mask=ok, other=_BIG)
     bpos = tl.min(tl.where(val == tl.min(val, 0), bp, _BIG), 0)
@@ -666,12 +670,12 @@ def _h2o_select_kernel(
     cnt_ptr, H, G, D, NSPLIT, first, s_pr,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th,
     s_lgr, s_lgg, s_pmr, s_pms, s_ab, s_ah,
-    FROM_ATTN: tl.constexpr, LSE_SLOTS: tl.constexpr, FINISH: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FROM_ATTN: tl.constexpr, LSE_SLOTS: tl.constexpr, FINISH: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid `(rows, NSPLIT)`: the row's softmax normaliser (from the attention's log2-sum-exp2s or the logits
     launch's partials), the split's scores updated, and its `_select_pass` results (partials `pv` float32
-    `[rows, NSPLIT]`, `pi` int64 `[rows, NSPLIT, 6]`: best position, best slot, oldest position, its slot, next).
+    `[rows, NSPLIT]`, `pi` int64 `[rows, NSPLIT, PARTS]`: best position, best slot, oldest position, its slot, next).
     `FINISH`: the row's last split to get here (a per-row counter `cnt`, reset after) also does `_reduce_finish`;
     else `_h2o_finish_kernel` does, in a launch of its own."""
     row = tl.program_id(0).to(tl.int64)
@@ -701,7 +705,7 @@ def _h2o_select_kernel(
         lo, hi, thr, tl.minimum(first, n - 1), G, FROM_ATTN, BLOCK_G, BLOCK_N,
     )
     tl.store(pv_ptr + row * s_pr + split, best)
-    at = pi_ptr + (row * s_pr + split) * 6
+    at = pi_ptr + (row * s_pr + split) * PARTS
     tl.store(at, bpos)
     tl.store(at + 1, bslot)
     tl.store(at + 2, opos)
@@ -716,7 +720,7 @@ def _h2o_select_kernel(
             tl.store(cnt_ptr + row, 0)
             _reduce_finish(row, k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr, pv_ptr, pi_ptr,
                            H, D, NSPLIT, s_pr, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh,
-                           s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th, BLOCK_P, BLOCK_D)
+                           s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th, PARTS, BLOCK_P, BLOCK_D)
 
 
 @triton.jit
@@ -724,12 +728,12 @@ def _h2o_finish_kernel(
     k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr, pv_ptr, pi_ptr,
     H, D, NSPLIT, s_pr,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb, s_sh, s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    PARTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid `(rows,)`: `_reduce_finish` per row."""
     _reduce_finish(tl.program_id(0).to(tl.int64), k_ptr, v_ptr, p_ptr, sc_ptr, len_ptr, keep_ptr, rec_ptr, thr_ptr,
                    pv_ptr, pi_ptr, H, D, NSPLIT, s_pr, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_sb,
-                   s_sh, s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th, BLOCK_P, BLOCK_D)
+                   s_sh, s_sn, s_lb, s_lh, s_eb, s_eh, s_rb, s_tb, s_th, PARTS, BLOCK_P, BLOCK_D)
 
 
 # fmt: on
@@ -833,7 +837,7 @@ def h2o_step_(
                 *length.stride(), *s_lg, pm.stride(0), pm.stride(1), **prec, **blocks, BLOCK_D=block_d,
                 num_warps=config.num_warps,
             )  # fmt: skip
-        fin = dict(BLOCK_P=max(2, triton.next_power_of_2(nsplit)), BLOCK_D=block_d)
+        fin = dict(PARTS=_PARTS, BLOCK_P=max(2, triton.next_power_of_2(nsplit)), BLOCK_D=block_d)
         rest = (*kvp, *keep.stride(), rec.stride(0), *window.stride())
         fused = config.h2o_finish == "fused"
         _h2o_select_kernel[(rows, nsplit)](

@@ -165,7 +165,9 @@ class H2O(DecodeRule):
 
     def _scratch(self, group: int, layer_idx: int) -> rule_ops.RuleScratch:
         if self.static_scratch is None:  # the fast path's first step runs eagerly, before the capture
-            self.static_scratch = rule_ops.RuleScratch.for_layers(self._layers, side=1, group=group)
+            # side 0: H2O moves one entry and never shifts, so its launches read no side buffers (only the logits
+            # and the partials)
+            self.static_scratch = rule_ops.RuleScratch.for_layers(self._layers, side=0, group=group)
         return self.static_scratch[layer_idx]
 
     def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
