@@ -9,16 +9,17 @@ heads, head dim 128, bf16) and per point (batch, prompt), a reserved `Compressed
 * ``rolling`` (StreamingLLM, Xiao et al. 2024): 4 sinks, re-rotated by a plain RoPE module.
 
 One decode step's rule work is, for every layer, the append of a random entry (`CompressedLayer.update`) and
-`on_token_static`. Each of three steps is captured in a CUDA graph: the appends alone, appends + the PyTorch form,
-appends + the Triton form; a graph is replayed ``--iters`` times between CUDA events, median over ``--repeats``
-(after ``--warmup`` eager steps). The rule's cost is the step minus the appends. ``--with-attention``: every step
-(the appends' too) also runs the decode attention of each layer after its append, as the fused step does; H2O's
-Triton form then takes its logits from it, so its cost includes the attention's extra stores and not its own
-logits launch. Before timing, both forms run
-``--check-steps`` steps on the same random inputs and their caches are compared (same lengths, same valid keys,
-values and positions; H2O's scores allclose; H2O's entries in position order, as its Triton form fills a victim's
-slot with the row's last entry). A difference fails the run, except H2O's, which is reported: its
-victim is an argmin of float32 scores that round differently where rows split (experiments/h2o_split_check.py).
+`on_token_static` (and, after the last layer, `on_step_static` where the rule has one: FixedPoint's Triton form
+updates every layer there, in one launch). Each of three steps is captured in a CUDA graph: the appends alone,
+appends + the PyTorch form, appends + the Triton form; a graph is replayed ``--iters`` times between CUDA events,
+median over ``--repeats`` (after ``--warmup`` eager steps). The rule's cost is the step minus the appends.
+``--with-attention``: every step (the appends' too) also runs the decode attention of each layer after its append,
+as the fused step does; H2O's Triton form then takes its logits from it, so its cost includes the attention's extra
+stores and not its own logits launch. Before timing, both forms run ``--check-steps`` steps on the same random
+inputs and their caches are compared (same lengths, same valid keys, values and positions; H2O's scores allclose;
+H2O's entries in position order, as its Triton form fills a victim's slot with the row's last entry). A difference
+fails the run, except H2O's, which is reported: its victim is an argmin of float32 scores that round differently
+where rows split (experiments/h2o_split_check.py).
 
 Prints one table and writes JSON to ``--out``. Imports torch, triton, transformers and vlcache only (no hydra).
 ``--tiny``: small shapes, on the CPU under ``TRITON_INTERPRET=1`` (no graphs, host clock) to check the script.
@@ -36,6 +37,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -129,6 +131,8 @@ def make_step(rule, cache, inputs, attend: bool = False):
                 rule.on_token_static(i, q[i], cache)
             else:
                 layer.length.sub_(1)
+        if rule is not None and hasattr(rule, "on_step_static"):  # FixedPoint's Triton form: all layers at once
+            rule.on_step_static(cache)
 
     return step
 
@@ -305,7 +309,7 @@ def main() -> None:
                    "after each append (the appends' step too), so H2O's Triton form takes its logits from it")
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU under TRITON_INTERPRET=1, or CUDA)")
     p.add_argument("--kernels", action="store_true", help="also each Triton-form kernel's µs per step (profiler)")
-    p.add_argument("--out", default="results/bench/rules_h200.json")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_rules.json"))
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -155,6 +155,8 @@ def test_cuda_graph_safe_rules_do_not_sync(cuda_adapter, name, decode):
                 layer.update(k, k)
                 q = torch.randn(k.shape[0], hq, 1, k.shape[-1], device=k.device)
                 pol.decode_rule.on_token_static(layer_idx, q, pre.cache)
+            if hasattr(pol.decode_rule, "on_step_static"):  # FixedPoint: every layer's update at the step's end
+                pol.decode_rule.on_step_static(pre.cache)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 

@@ -20,6 +20,7 @@ from vlcache.cache import CompressedCache, CompressedLayer
 from vlcache.kernels import rule_ops
 from vlcache.kernels.decode_attention import decode_attention
 from vlcache.kernels.rule_ops import RuleConfig, RuleScratch, shift_rows_
+from vlcache.policies import decode_rules
 from vlcache.policies.decode_rules import H2O, FixedPoint, Rolling
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -47,6 +48,11 @@ def programs_backwards(monkeypatch):
             forwards(self, nx - 1 - x, ny - 1 - y, nz - 1 - z)
 
         monkeypatch.setattr(builder, "set_grid_idx", backwards)
+
+
+# the layers' launch reaches other layers' buffers through offsets from layer 0's: the interpreter maps only the
+# arguments' own memory for bfloat16 (it converts them), so there it runs on float32 caches
+DTYPES_BATCHED = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 @contextlib.contextmanager
@@ -306,6 +312,71 @@ def test_fixed_point_equals_the_pytorch_form(dtype):
             most = max(most, int((before.cpu() - torch.stack([la.length for la in caches[0].layers]).cpu()).max()))
             _run(rules, caches, 2, h, seed + 1)
     assert most >= 2  # the block form was exercised
+
+
+@pytest.mark.parametrize("dtype", DTYPES_BATCHED)
+def test_fixed_point_for_every_layer_in_one_launch(dtype, monkeypatch):
+    """Layers of one capacity: `prepare_static` finds one set of strides, `on_token_static` leaves the rows alone and
+    `on_step_static` deletes every layer's block in one launch, equal to the per-layer PyTorch form after each step
+    (deletions of several entries included); layers of different capacities, or with as many rows as the GPU has
+    multiprocessors, keep the per-layer launches."""
+    monkeypatch.setattr(decode_rules, "sm_count", lambda device: 7)  # 6 rows a layer below: batched
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    b, h, d, cap = 2, 3, 8, 40
+    lengths = torch.randint(0, 30, (3, b, h), generator=gen)
+    keep = torch.randint(0, 30, (3, b, h), generator=gen)
+    # tokens seen b·h·(a layer's longest row) - m + a prompt length of 4-40: limits of 1-10, so some rows lose
+    # several entries in the first step
+    info = SimpleNamespace(lengths=torch.randint(4, 40, (b,), generator=gen).to(DEVICE), m=150)
+    lengths[:, 0, 0] = 29
+    rules, caches = [], []
+    for _ in range(2):
+        cache = _cache(seed, lengths, [cap] * 3, d, dtype)
+        rule = FixedPoint(5)
+        rule.setup(cache, info, 0.15, keep)
+        _reserve(cache, [cap] * 3, rule)
+        rules.append(rule)
+        caches.append(cache)
+    assert rules[0].layer_offsets is not None
+    moved = 0
+    for _ in range(3):
+        k, v = _rand(gen, 3, b, h, 1, d, dtype=dtype), _rand(gen, 3, b, h, 1, d, dtype=dtype)
+        before = [layer.length.clone() for layer in caches[0].layers]
+        for i in range(3):
+            for which, (rule, cache) in enumerate(zip(rules, caches)):
+                cache.layers[i].update(k[i], v[i])
+                with torch_path() if which else contextlib.nullcontext():
+                    rule.on_token_static(i, None, cache)
+            assert torch.equal(caches[0].layers[i].length, before[i] + 1)  # left for the step's end
+        rules[0].on_step_static(caches[0])
+        with torch_path():
+            rules[1].on_step_static(caches[1])  # the PyTorch form has no batched update: nothing happens
+        for mine, ref, was in zip(caches[0].layers, caches[1].layers, before):
+            assert torch.equal(mine.length, ref.length)
+            moved = max(moved, int((was + 1 - mine.length).max()))
+            for x, y in torch.cartesian_prod(torch.arange(b), torch.arange(h)).tolist():
+                for t in ("keys", "values", "positions"):
+                    assert torch.equal(_row(mine, getattr(mine, t), x, y), _row(ref, getattr(ref, t), x, y))
+    assert moved >= 2  # a block of several deletions, not only one
+    other = _cache(seed, lengths, [cap, cap - 1, cap], d, dtype)
+    rule = FixedPoint(5)
+    rule.setup(other, info, 0.15, keep)
+    _reserve(other, [cap, cap - 1, cap], rule)
+    assert rule.layer_offsets is None
+    monkeypatch.setattr(decode_rules, "sm_count", lambda device: 6)
+    rule.setup(caches[0], info, 0.15, keep)
+    rule.prepare_static(caches[0])
+    assert rule.layer_offsets is None
+
+
+def test_layer_offsets_are_element_offsets():
+    base = torch.zeros(4, 3, 5, dtype=torch.float32, device=DEVICE)
+    parts = list(base.unbind(0))
+    off = rule_ops.layer_offsets(parts, [t.clone() for t in parts])
+    assert off.shape == (2, 4) and off[0].tolist() == [0, 15, 30, 45] and off[1, 0] == 0
+    assert rule_ops.layer_offsets([parts[0], parts[1][:, :4]]) is None  # shapes differ
+    assert rule_ops.layer_offsets([parts[0], parts[1].double()]) is None  # dtypes differ
 
 
 @pytest.mark.parametrize("split", [False, True])

@@ -37,6 +37,8 @@ class ForwardContext:
     on_decode: DecodeObserver | None = None
     # the fused step only: (layer, query heads) -> buffers its attention writes the logits into, for on_decode
     decode_logits: Callable[[int, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    # the fast path only: called once a decode step has run every layer (FixedPoint's deletions in one launch)
+    on_step: Callable[[], None] | None = None
     fast_decode: bool = False  # decode with the ragged kernel over per-row lengths (fast_decode.py)
 
 

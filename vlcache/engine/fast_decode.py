@@ -104,6 +104,8 @@ def generate_fast(
             # the same update in fixed-shape, in-place device ops: it can be part of the captured step
             pre.ctx.on_decode = lambda layer_idx, query: rule.on_token_static(layer_idx, query, pre.cache)
             pre.ctx.decode_logits = getattr(rule, "attention_logits", None)  # H2O: the logits from the attention
+            if hasattr(rule, "on_step_static"):  # FixedPoint: every layer's update in one launch, after the step
+                pre.ctx.on_step = lambda: rule.on_step_static(pre.cache)
             on_reserved, update = rule.prepare_static, "static"
         else:
             update = "eager"
@@ -175,6 +177,8 @@ def decode_fast(
         kept = torch.stack([layer.length.amax() for layer in cache.layers]).tolist()  # one host sync
         for layer, k in zip(cache.layers, kept):
             layer.reserve(int(k) + max_new_tokens)
+    if decoder is not None:  # before on_reserved: a rule may keep pointers to the layers' counts
+        seen = cache.share_seen()
     if on_reserved is not None:
         on_reserved(cache)
     # the entries reserved for generated tokens: max_new_tokens per row, in either layout
@@ -184,8 +188,6 @@ def decode_fast(
     )
     info.update(kv_bytes_reserved=cache.nbytes(), layout="ragged" if ragged else "padded")
     info["kv_bytes_prompt_storage"] = info["kv_bytes_reserved"] - room
-    if decoder is not None:
-        seen = cache.share_seen()
 
     token = token.clone()
     b = token.shape[0]
@@ -207,6 +209,8 @@ def decode_fast(
             logits = decoder(
                 token, adapter.decode_position_ids(positions), cache, seen, ctx.on_decode, ctx.decode_logits
             )
+        if ctx.on_step is not None:
+            ctx.on_step()
         positions.add_(1)
         nxt = torch.where(finished, pad, logits.argmax(-1))
         if stop_at_eos:

@@ -7,7 +7,9 @@ and H2O's keys in float32. Here a rule costs one to three launches per layer, wh
 
 * `shift_rows_`: deletes entries `[start, start + count)` of each (sequence, KV head) row in place, shifting the
   later valid entries left, and `length -= count` (what `CompressedLayer.drop_` does); `drop_oldest_` (Rolling)
-  and `drop_fixed_point_` (FixedPoint) compute that block from the rule's state in the same launch.
+  and `drop_fixed_point_` (FixedPoint) compute that block from the rule's state in the same launch;
+  `drop_fixed_point_layers_` does FixedPoint's for every layer in one launch (at the end of the decode step,
+  `FixedPoint.on_step_static`), reaching each layer's buffers by element offsets from layer 0's (`layer_offsets`).
 * `h2o_step_`: H2O's update (Zhang et al., NeurIPS 2023, Algorithm 1): the decode query's attention added to the
   running scores, the victim, its deletion. H2O does not need the cache's order (its recent window is found by
   position), so the deletion moves one entry, the row's last, into the victim's slot instead of shifting; and in
@@ -42,9 +44,11 @@ __all__ = [
     "RuleConfig",
     "RuleScratch",
     "drop_fixed_point_",
+    "drop_fixed_point_layers_",
     "drop_oldest_",
     "h2o_step_",
     "h2o_window",
+    "layer_offsets",
     "num_splits",
     "shift_rows_",
     "supported",
@@ -278,6 +282,19 @@ def _save_kernel(
 
 
 @triton.jit
+def _fixed_point_span(n, ntl, prompt_len, seen_ptr, f_ptr, m_off):
+    """FixedPoint's block `(start, count)` for a row of `n` entries: `limit = ceil(budget · (prompt length + seen −
+    m) − eps)` (float64 `f` = [budget, eps]), `count = max(n − limit, 0)`, `start = max(min(N_tl, n − 1, n −
+    count), 0)`."""
+    seen = (prompt_len + tl.load(seen_ptr) - m_off).to(tl.float64)
+    y = tl.load(f_ptr) * seen - tl.load(f_ptr + 1)  # no fused multiply-add (launched without fp fusion)
+    t = y.to(tl.int64)  # ceil without libdevice: truncation, plus one below a non-integer positive y
+    limit = t + (t.to(tl.float64) < y).to(tl.int64)
+    count = tl.maximum(n - limit, 0)
+    return tl.maximum(tl.minimum(tl.minimum(ntl, n - 1), n - count), 0), count
+
+
+@triton.jit
 def _shift_kernel(
     k_ptr, v_ptr, p_ptr, e_ptr, len_ptr, nbuf_ptr, sk_ptr, sv_ptr, sp_ptr, se_ptr,
     a_ptr, c_ptr, f_ptr, seen_ptr,
@@ -304,13 +321,8 @@ def _shift_kernel(
         start = tl.load(a_ptr + b * s_ab + h * s_ah).to(tl.int64)
         count = tl.load(c_ptr + b * s_cb + h * s_ch).to(tl.int64)
     elif RULE == 3:
-        seen = (tl.load(c_ptr + b * s_cb).to(tl.int64) + tl.load(seen_ptr) - m_off).to(tl.float64)
-        y = tl.load(f_ptr) * seen - tl.load(f_ptr + 1)  # no fused multiply-add (launched without fp fusion)
-        t = y.to(tl.int64)  # ceil without libdevice: truncation, plus one below a non-integer positive y
-        limit = t + (t.to(tl.float64) < y).to(tl.int64)
-        count = tl.maximum(n - limit, 0)
-        ntl = tl.load(a_ptr + b * s_ab + h * s_ah).to(tl.int64)
-        start = tl.maximum(tl.minimum(tl.minimum(ntl, n - 1), n - count), 0)
+        start, count = _fixed_point_span(n, tl.load(a_ptr + b * s_ab + h * s_ah).to(tl.int64),
+                                         tl.load(c_ptr + b * s_cb).to(tl.int64), seen_ptr, f_ptr, m_off)
     else:
         count = (n > tl.load(a_ptr + b * s_ab + h * s_ah)).to(tl.int64)
         start = tl.minimum(n - 1, first)
@@ -322,6 +334,32 @@ def _shift_kernel(
         HAS_EXTRA, ZERO_EXTRA, SIDE, BLOCK_S, BLOCK_D,
     )
     tl.store(len_ptr + b * s_lb + h * s_lh, n - count, mask=chunk == 0)
+
+
+@triton.jit
+def _fixed_point_layers_kernel(
+    k_ptr, v_ptr, p_ptr, len_ptr, a_ptr, off_ptr, c_ptr, f_ptr, seen_ptr,
+    ROWS, L, H, cap, D, m_off,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_pb, s_ph, s_pn, s_lb, s_lh, s_ab, s_ah, s_cb,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid `(layers · rows,)`: `_shift_kernel`'s FixedPoint rule, one program per row, for every layer at once;
+    layer l's keys, values, positions, lengths, `N_tl` and token count lie `off[i, l]` elements (i = 0..5) from
+    layer 0's."""
+    pid = tl.program_id(0).to(tl.int64)
+    layer, row = pid // ROWS, pid % ROWS
+    b, h = row // H, row % H
+    k_row = k_ptr + tl.load(off_ptr + layer) + b * s_kb + h * s_kh
+    v_row = v_ptr + tl.load(off_ptr + L + layer) + b * s_vb + h * s_vh
+    p_row = p_ptr + tl.load(off_ptr + 2 * L + layer) + b * s_pb + h * s_ph
+    n_at = len_ptr + tl.load(off_ptr + 3 * L + layer) + b * s_lb + h * s_lh
+    n = tl.load(n_at).to(tl.int64)
+    ntl = tl.load(a_ptr + tl.load(off_ptr + 4 * L + layer) + b * s_ab + h * s_ah).to(tl.int64)
+    seen_at = seen_ptr + tl.load(off_ptr + 5 * L + layer)
+    start, count = _fixed_point_span(n, ntl, tl.load(c_ptr + b * s_cb).to(tl.int64), seen_at, f_ptr, m_off)
+    _shift_row(k_row, v_row, p_row, p_row, k_row, v_row, p_row, p_row, s_kn, s_vn, s_pn, s_pn,
+               n, start, count, 0, _per(n, 1, BLOCK_S), 1, cap, D, False, False, 1, BLOCK_S, BLOCK_D)
+    tl.store(n_at, n - count)
 
 
 # fmt: on
@@ -436,6 +474,53 @@ def drop_fixed_point_(
     `excess` is unbounded but the moved span (from `N_tl` to the end) is short."""
     _shift(keys, values, positions, length, None, rule=3, a=n_tl, c=prompt_lengths, consts=consts, seen=seen, m_off=m,
            chunks=1, config=config)  # fmt: skip
+
+
+def layer_offsets(*per_layer: list[torch.Tensor]) -> torch.Tensor | None:
+    """`[len(per_layer), L]` int64 on the tensors' device: each layer's tensor as an element offset from layer 0's,
+    for launches that reach every layer's cache at once (`drop_fixed_point_layers_`); None where the layers'
+    tensors of a kind differ in shape, strides, dtype or device, so one set of strides cannot serve them all."""
+    rows = []
+    for ts in per_layer:
+        t0 = ts[0]
+        if any(t.shape != t0.shape or t.stride() != t0.stride() or t.dtype != t0.dtype or t.device != t0.device
+               for t in ts):  # fmt: skip
+            return None
+        size = t0.element_size()
+        if any((t.data_ptr() - t0.data_ptr()) % size for t in ts):
+            return None
+        rows.append([(t.data_ptr() - t0.data_ptr()) // size for t in ts])
+    if len({ts[0].device for ts in per_layer}) != 1:
+        return None
+    return torch.tensor(rows, dtype=torch.int64, device=per_layer[0][0].device)
+
+
+def drop_fixed_point_layers_(
+    keys: list[torch.Tensor], values: list[torch.Tensor], positions: list[torch.Tensor], lengths: list[torch.Tensor],
+    n_tl: list[torch.Tensor], seen: list[torch.Tensor], offsets: torch.Tensor, prompt_lengths, m: int, consts,
+    *, config: RuleConfig | None = None,
+) -> None:  # fmt: skip
+    """`drop_fixed_point_` on every layer in one launch, from `offsets = layer_offsets(keys, values, positions, lengths,
+    n_tl, seen)` (made once: the buffers must not move after it; `seen`: each layer's token count). What one
+    launch per layer would do, so where nothing reads a layer's cache between its attention and the end of the
+    decode step, the deletions can wait for the step's end: the fused step then pays one launch instead of one
+    per layer."""
+    config = config or DEFAULT_CONFIG
+    for layer in zip(keys, values, positions, lengths):
+        _check_rows(*layer)
+    k0, v0, p0, n0, a0 = keys[0], values[0], positions[0], lengths[0], n_tl[0]
+    b, h, cap, d = k0.shape
+    if offsets.shape != (6, len(keys)):
+        raise ValueError(f"offsets {tuple(offsets.shape)}: want [6, {len(keys)}] (layer_offsets of the six kinds)")
+    if b * h == 0 or cap == 0:
+        return
+    with on_device(k0):
+        _fixed_point_layers_kernel[(len(keys) * b * h,)](
+            k0, v0, p0, n0, a0, offsets, prompt_lengths, consts, seen[0], b * h, len(keys), h, cap, d, m,
+            *k0.stride()[:3], *v0.stride()[:3], *p0.stride(), *n0.stride(), *a0.stride(), prompt_lengths.stride(0),
+            BLOCK_S=config.block_s, BLOCK_D=triton.next_power_of_2(d), num_warps=config.shift_warps,
+            enable_fp_fusion=False,
+        )  # fmt: skip
 
 
 # -- H2O -------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 
 from vlcache.cache import CompressedCache, CompressedLayer
 from vlcache.kernels import rule_ops
-from vlcache.kernels.launch import on_device
+from vlcache.kernels.launch import on_device, sm_count
 from vlcache.policies.parts import DECODE_RULES, DecodeRule, register
 from vlcache.policies.rope import find_rotary, shift_rope
 
@@ -241,6 +241,7 @@ class FixedPoint(DecodeRule):
         device = cache.layers[0].keys.device
         self.budget, self.info = budget, info
         self.n_tl = (keep_counts.to(device) - self.recent_distance).clamp(min=0)
+        self.layer_offsets = None  # prepare_static's, where one launch can reach every layer
 
     def limit(self, layer: CompressedLayer) -> torch.Tensor:
         """`[B]` `ceil(budget · tokens_seen)`; the epsilon keeps float error from rounding an integer up."""
@@ -267,6 +268,17 @@ class FixedPoint(DecodeRule):
         self.static_consts = [
             torch.tensor([self.budget, 1e-9], dtype=torch.float64, device=layer.device) for layer in cache.layers
         ]
+        # every layer's deletions in one launch at the step's end (`on_step_static`) where one set of strides
+        # reaches all layers' buffers (as reserved now: they do not move while decoding), and where a layer's rows
+        # do not fill the GPU alone: on an H200 one launch for 32 layers took 13 against 90 µs a step at batch 1
+        # (8 rows a layer), but 970 against 345 at batch 64 (512 rows a layer; bench_rules.py,
+        # results/bench/rules_fp_layers_h200.json)
+        self.layer_offsets = None
+        keys = cache.layers[0].keys
+        if rule_ops.supported(keys) and keys.shape[0] * keys.shape[1] < sm_count(keys.device):
+            kinds = ("keys", "values", "positions", "length", "seen_device")
+            per_layer = [[getattr(layer, kind) for layer in cache.layers] for kind in kinds]
+            self.layer_offsets = rule_ops.layer_offsets(*per_layer[:4], self.static_n_tl, per_layer[4])
 
     def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
         """Graph-safe `on_token` (Elastic Cache, Liu et al. 2024, fixed-point elimination): the eager loop's
@@ -280,6 +292,8 @@ class FixedPoint(DecodeRule):
         if not self.active:
             return
         layer = cache.layers[layer_idx]
+        if self._batched(layer.keys):  # on_step_static does it for every layer
+            return
         if rule_ops.supported(layer.keys):  # the same arithmetic and deletion in one launch
             rule_ops.drop_fixed_point_(
                 layer.keys,
@@ -299,6 +313,24 @@ class FixedPoint(DecodeRule):
         excess = (n - limit).clamp(min=0)
         index = torch.minimum(self.static_n_tl[layer_idx], n - 1)
         layer.drop_(torch.minimum(index, n - excess).clamp(min=0), excess)
+
+    def _batched(self, keys: torch.Tensor) -> bool:
+        return self.layer_offsets is not None and rule_ops.supported(keys)
+
+    def on_step_static(self, cache: CompressedCache) -> None:
+        """After a decode step's last layer (the fast path's `ForwardContext.on_step`): `on_token_static` for every
+        layer in one launch (`rule_ops.drop_fixed_point_layers_`), where `prepare_static` found one set of strides
+        for all layers. Equal to the per-layer calls, which run right after each layer's attention: nothing reads
+        a layer's cache between its attention and the step's end. Saves a launch per layer and step (0.1 ms a step
+        for a 32-layer model)."""
+        if not self.active or not self._batched(cache.layers[0].keys):
+            return
+        layers = cache.layers
+        rule_ops.drop_fixed_point_layers_(
+            [la.keys for la in layers], [la.values for la in layers], [la.positions for la in layers],
+            [la.length for la in layers], self.static_n_tl, [la.seen_device for la in layers], self.layer_offsets,
+            self.static_lengths[0], self.info.m, self.static_consts[0],
+        )  # fmt: skip
 
 
 @register(DECODE_RULES, "rolling")
