@@ -170,3 +170,20 @@ def test_norm_fold_falls_back_and_checks():
         linear.residual_norm_linear(x, w1, None, res[:, :20], g, 1e-6)
     with pytest.raises(ValueError, match="gate and up"):
         linear.normed_linear(linear.Normed(res[:4], torch.zeros(1, 16), 1e-6), w2[:13], swiglu=True)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_split_k_counters_are_not_made_inside_a_capture(monkeypatch):
+    """Counters allocated inside a capture would belong to the graph's pool: the first split-K launch must run
+    outside one (the fused step's eager warm-up does)."""
+    monkeypatch.setattr(linear, "_COUNTERS", {})
+    x, w = _rand(20, 256, dtype=torch.bfloat16), _rand(64, 256, dtype=torch.bfloat16, scale=1 / 16)
+    cfg = LinearConfig(block_n=32, block_k=64, split_k=2)
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        decode_linear(x, w, config=cfg)
+    decode_linear(x, w, config=cfg)  # outside: made once, then reused under capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = decode_linear(x, w, config=cfg)
+    g.replay()
+    _close(out, x.double().cpu() @ w.double().cpu().T, torch.bfloat16)

@@ -195,6 +195,9 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     step). Allocated once, before any CUDA-graph capture that uses them (the step's eager warm-up)."""
     cnt = _COUNTERS.get(device)
     if cnt is None or cnt.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # made inside a capture they would live in the graph's pool, freed with it, then reused by others
+            raise RuntimeError("split-K counters allocated inside a CUDA-graph capture: run the launch once first")
         if cnt is not None:  # a captured graph may still use the smaller buffer: kept alive
             _OUTGROWN.append(cnt)
         cnt = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
