@@ -496,27 +496,26 @@ def layer_offsets(*per_layer: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def drop_fixed_point_layers_(
-    keys: list[torch.Tensor], values: list[torch.Tensor], positions: list[torch.Tensor], lengths: list[torch.Tensor],
-    n_tl: list[torch.Tensor], seen: list[torch.Tensor], offsets: torch.Tensor, prompt_lengths, m: int, consts,
+    bases: tuple[torch.Tensor, ...], offsets: torch.Tensor, prompt_lengths, m: int, consts,
     *, config: RuleConfig | None = None,
 ) -> None:  # fmt: skip
-    """`drop_fixed_point_` on every layer in one launch, from `offsets = layer_offsets(keys, values, positions, lengths,
-    n_tl, seen)` (made once: the buffers must not move after it; `seen`: each layer's token count). What one
-    launch per layer would do, so where nothing reads a layer's cache between its attention and the end of the
-    decode step, the deletions can wait for the step's end: the fused step then pays one launch instead of one
-    per layer."""
+    """`drop_fixed_point_` on every layer in one launch: `bases` are layer 0's keys, values, positions, lengths,
+    `N_tl` and token count, `offsets = layer_offsets(...)` of all layers' (made once: the buffers must not move after
+    it). What one launch per layer would do, so where nothing reads a layer's cache between its attention and the
+    end of the decode step, the deletions can wait for the step's end: the fused step then pays one launch instead
+    of one per layer."""
     config = config or DEFAULT_CONFIG
-    for layer in zip(keys, values, positions, lengths):
-        _check_rows(*layer)
-    k0, v0, p0, n0, a0 = keys[0], values[0], positions[0], lengths[0], n_tl[0]
+    k0, v0, p0, n0, a0, seen = bases
+    _check_rows(k0, v0, p0, n0)
     b, h, cap, d = k0.shape
-    if offsets.shape != (6, len(keys)):
-        raise ValueError(f"offsets {tuple(offsets.shape)}: want [6, {len(keys)}] (layer_offsets of the six kinds)")
+    layers = offsets.shape[1]
+    if offsets.shape[0] != len(bases):
+        raise ValueError(f"offsets {tuple(offsets.shape)}: want [{len(bases)}, layers] (layer_offsets of the bases)")
     if b * h == 0 or cap == 0:
         return
     with on_device(k0):
-        _fixed_point_layers_kernel[(len(keys) * b * h,)](
-            k0, v0, p0, n0, a0, offsets, prompt_lengths, consts, seen[0], b * h, len(keys), h, cap, d, m,
+        _fixed_point_layers_kernel[(layers * b * h,)](
+            k0, v0, p0, n0, a0, offsets, prompt_lengths, consts, seen, b * h, layers, h, cap, d, m,
             *k0.stride()[:3], *v0.stride()[:3], *p0.stride(), *n0.stride(), *a0.stride(), prompt_lengths.stride(0),
             BLOCK_S=config.block_s, BLOCK_D=triton.next_power_of_2(d), num_warps=config.shift_warps,
             enable_fp_fusion=False,

@@ -276,9 +276,10 @@ class FixedPoint(DecodeRule):
         self.layer_offsets = None
         keys = cache.layers[0].keys
         if rule_ops.supported(keys) and keys.shape[0] * keys.shape[1] < sm_count(keys.device):
-            kinds = ("keys", "values", "positions", "length", "seen_device")
-            per_layer = [[getattr(layer, kind) for layer in cache.layers] for kind in kinds]
-            self.layer_offsets = rule_ops.layer_offsets(*per_layer[:4], self.static_n_tl, per_layer[4])
+            per_layer = [[getattr(layer, kind) for layer in cache.layers] for kind in ("keys", "values", "positions",
+                         "length")] + [self.static_n_tl, [layer.seen_device for layer in cache.layers]]  # fmt: skip
+            self.layer_bases = tuple(ts[0] for ts in per_layer)  # what the offsets count from
+            self.layer_offsets = rule_ops.layer_offsets(*per_layer)
 
     def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
         """Graph-safe `on_token` (Elastic Cache, Liu et al. 2024, fixed-point elimination): the eager loop's
@@ -325,12 +326,9 @@ class FixedPoint(DecodeRule):
         for a 32-layer model)."""
         if not self.active or not self._batched(cache.layers[0].keys):
             return
-        layers = cache.layers
         rule_ops.drop_fixed_point_layers_(
-            [la.keys for la in layers], [la.values for la in layers], [la.positions for la in layers],
-            [la.length for la in layers], self.static_n_tl, [la.seen_device for la in layers], self.layer_offsets,
-            self.static_lengths[0], self.info.m, self.static_consts[0],
-        )  # fmt: skip
+            self.layer_bases, self.layer_offsets, self.static_lengths[0], self.info.m, self.static_consts[0]
+        )
 
 
 @register(DECODE_RULES, "rolling")
