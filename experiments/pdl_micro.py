@@ -20,6 +20,25 @@ as slow, and wait alone was unchanged (4.205, 4.715, 7.900). The draft was not k
 H200 (results/bench/pdl_micro_h200.json), bounds what PDL could buy: per link, 1.40 → 0.94 µs for the small
 kernels, 16.9 → 16.3 µs for the streaming ones (trigger+wait: 20.6, the next kernel's waiting programs slowing
 this one's), and nothing where a cuBLAS kernel sits between two Triton ones, as it does twice per layer of the step.
+
+Tried again once every projection up to 64 rows was a Triton kernel (2026-11-22, a draft, not kept): the four
+projections launched with PDL, each prefetching into L2 the first 256, 1024 or 4096 of K of its own weight rows
+(which do not depend on the previous kernel) before `gdc_wait`, then `gdc_launch_dependents`; the attention's last
+launch triggering at its start. `experiments/step_forms_ab.py` with the draft's forms, synthetic caches, 50 tokens,
+two rounds, one H200 run (results/bench/step_forms_ab_pdl_h200.json), ms per token at budget 0.1, same tokens:
+
+| form | (64, 2K) | (1, 2K) |
+| --- | --- | --- |
+| current (no PDL) | 4.843 | 4.059 |
+| PDL, wait only (the attention not triggering) | 4.875 | 4.702 |
+| PDL, the attention triggering | 4.873 | 4.698 |
+| + prefetch 256 of K | 4.848 | 4.598 |
+| + prefetch 1024 of K | 4.930 | 4.997 |
+| + prefetch 4096 of K | 5.924 | 5.666 |
+
+Launching a projection with PDL costs about 5 µs at batch 1 (0.64 ms over the step's 128), whatever the
+predecessor does; a small prefetch wins back a sixth of that, a large one competes with the predecessor's own
+stream.
 """
 
 from __future__ import annotations
