@@ -121,6 +121,18 @@ def build_model(cfg: MistralConfig, device: torch.device, dtype=torch.bfloat16) 
     return model.eval()
 
 
+def parse_points(spec: str) -> list[tuple[int, int]]:
+    """``"1x2048,64x2048"`` as ``[(1, 2048), (64, 2048)]``: (batch, prompt length) points."""
+    return [tuple(int(x) for x in p.split("x")) for p in spec.split(",") if p]
+
+
+def real_size_adapter(points, new_tokens: int, device: torch.device) -> tuple[MistralConfig, TextAdapter]:
+    """The real-size model (random weights) with room for the longest point's prompt and `new_tokens`, behind
+    `TextAdapter`: what the GPU experiments time."""
+    cfg = model_config(False, max(32768, max(p for _, p in points) + new_tokens + 8))
+    return cfg, TextAdapter(build_model(cfg, device), device)
+
+
 def measure_copy_bw(device: torch.device) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of 20 after warm-up."""
     n = (1 << 29) if device.type == "cuda" else (1 << 24)
@@ -505,7 +517,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",") if p]
+    points = parse_points(args.points)
     check_points = {tuple(int(x) for x in p.split("x")) for p in args.check_tokens.split(",") if p}
     fused = None if args.fused == "auto" else False
     names = [p for p in args.policies.split(",") if p]
@@ -602,7 +614,7 @@ def main() -> None:
         print(f"wrote {args.out}")
         return
 
-    fp32_points = [tuple(int(x) for x in p.split("x")) for p in args.check_fp32.split(",") if p]
+    fp32_points = parse_points(args.check_fp32)
     if fp32_points:  # first, and freed before the timings
         print("tokens: fast path vs simple loop, float32 weights", flush=True)
         checker = TextAdapter(build_model(cfg, device, torch.float32), device)

@@ -35,7 +35,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from experiments.bench_decode import IMAGE_TOKEN, TextAdapter, build_model, model_config, synthetic_cache
+from experiments.bench_decode import IMAGE_TOKEN, parse_points, real_size_adapter, synthetic_cache
 from vlcache.engine import fused_decode
 from vlcache.engine.attention import ForwardContext
 from vlcache.engine.fast_decode import decode_fast
@@ -109,13 +109,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "step_forms_ab.json"))
     args = ap.parse_args()
     device = torch.device("cuda")
-    points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
+    points = parse_points(args.points)
     forms = args.forms.split(",")
     known = [*FORMS, *WIDE_FORMS, "narrow-only"]
     if any(f not in known for f in forms):
         ap.error(f"--forms {args.forms!r}: each one of {', '.join(known)}")
-    cfg = model_config(False, max(32768, max(p for _, p in points) + args.new_tokens + 8))
-    adapter = TextAdapter(build_model(cfg, device), device)
+    cfg, adapter = real_size_adapter(points, args.new_tokens, device)
     rows = []
     for batch, prompt in points:
         for budget in (float(b) for b in args.budgets.split(",")):

@@ -29,7 +29,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from experiments.bench_decode import IMAGE_TOKEN, TextAdapter, build_model, model_config, synthetic_cache
+from experiments.bench_decode import IMAGE_TOKEN, parse_points, real_size_adapter, synthetic_cache
 from vlcache.engine.attention import ForwardContext
 from vlcache.engine.fast_decode import decode_fast
 
@@ -114,9 +114,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "step_timeline.json"))
     args = ap.parse_args()
     device = torch.device("cuda")
-    points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
-    cfg = model_config(False, max(32768, max(p for _, p in points) + args.new_tokens + 8))
-    adapter = TextAdapter(build_model(cfg, device), device)
+    points = parse_points(args.points)
+    cfg, adapter = real_size_adapter(points, args.new_tokens, device)
     rows = []
     for batch, prompt in points:
         for budget in (float(b) for b in args.budgets.split(",")):
