@@ -134,17 +134,34 @@ def test_cuda_graph_captures_per_token_rules(cuda_adapter, name, decode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("name", "decode"), PER_TOKEN)
-def test_cuda_graph_safe_rules_do_not_sync(cuda_adapter, name, decode):
+@pytest.mark.parametrize("budget", [0.1, 0.3])
+def test_cuda_h2o_side_stream_equals_in_line(cuda_adapter, budget):
+    """H2O's update on a side stream (vlcache/engine/side_stream.py) gives the in-line update's tokens, in the
+    captured step and eagerly."""
+    inputs = _inputs(cuda_adapter)
+    outs = []
+    for side_stream, cuda_graph in ((False, True), (True, True), (True, False)):
+        pol = policy("h2o", budget, decode="h2o")
+        stats = {}
+        outs.append(generate_fast(cuda_adapter, pol, inputs, STEPS, stats=stats, side_stream=side_stream,
+                                  cuda_graph=cuda_graph))  # fmt: skip
+        assert stats["rule_update"] == "static" and (pol.decode_rule.side is not None) == side_stream
+    assert outs[0].tokens == outs[1].tokens == outs[2].tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "decode", "overlap"), [(*r, False) for r in PER_TOKEN] + [("h2o", "h2o", True)])
+def test_cuda_graph_safe_rules_do_not_sync(cuda_adapter, name, decode, overlap):
     """The graph-safe update never waits for the GPU: CUDA's sync debug mode turns any synchronising call into
-    an error (after an append, in every layer, twice)."""
+    an error (after an append, in every layer, twice; `overlap`: H2O's update on its side stream)."""
     from vlcache.engine.generate import prefill_and_compress
 
     pol = policy(name, 0.1, decode=decode)
     pre = prefill_and_compress(cuda_adapter, pol, _inputs(cuda_adapter))
     for layer in pre.cache.layers:
         layer.reserve(int(layer.length.max()) + 4)
-    pol.decode_rule.prepare_static(pre.cache)
+    pol.decode_rule.prepare_static(pre.cache, **({"overlap": True} if overlap else {}))
+    assert not overlap or pol.decode_rule.side is not None
     hq = cuda_adapter.text_config.num_attention_heads
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -155,7 +172,7 @@ def test_cuda_graph_safe_rules_do_not_sync(cuda_adapter, name, decode):
                 layer.update(k, k)
                 q = torch.randn(k.shape[0], hq, 1, k.shape[-1], device=k.device)
                 pol.decode_rule.on_token_static(layer_idx, q, pre.cache)
-            if hasattr(pol.decode_rule, "on_step_static"):  # FixedPoint: every layer's update at the step's end
+            if hasattr(pol.decode_rule, "on_step_static"):  # FixedPoint's updates, H2O's join, at the step's end
                 pol.decode_rule.on_step_static(pre.cache)
     finally:
         torch.cuda.set_sync_debug_mode(0)

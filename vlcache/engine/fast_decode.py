@@ -30,6 +30,7 @@ eagerly, with the kernel's PyTorch fallback (the graph-safe updates included).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -80,6 +81,7 @@ def generate_fast(
     stats: dict | None = None,
     graph_safe_rules: bool = True,
     fused: bool | None = None,
+    side_stream: bool = True,
 ) -> GenerationOutput:
     """Greedy decoding of a left-padded batch, as `generate`, on the fast path.
 
@@ -95,6 +97,8 @@ def generate_fast(
             token check at real size); False runs the rule's eager `on_token` without a graph.
         fused: run each step through `FusedDecoder` (vlcache/engine/fused_decode.py: five or six launches per layer
             instead of transformers' fifty); None: where the model supports it, False: the model's own modules.
+        side_stream: where a graph-safe rule offers it (H2O, on one GPU), its per-layer update runs on a second
+            CUDA stream beside the step's next layers (vlcache/engine/side_stream.py); False: in line.
     """
     pre = prefill_and_compress(adapter, policy, inputs)
     use_graph, reason, on_reserved, update = cuda_graph, None, None, None
@@ -105,8 +109,10 @@ def generate_fast(
             pre.ctx.on_decode = lambda layer_idx, query: rule.on_token_static(layer_idx, query, pre.cache)
             pre.ctx.decode_logits = getattr(rule, "attention_logits", None)  # H2O: the logits from the attention
             if hasattr(rule, "on_step_static"):  # FixedPoint: every layer's update in one launch, after the step
-                pre.ctx.on_step = lambda: rule.on_step_static(pre.cache)
+                pre.ctx.on_step = lambda: rule.on_step_static(pre.cache)  # (H2O: the join of its side stream)
             on_reserved, update = rule.prepare_static, "static"
+            if getattr(rule, "overlap", False) and side_stream:  # H2O: its update beside the next layers
+                on_reserved = functools.partial(rule.prepare_static, overlap=True)
         else:
             update = "eager"
             if cuda_graph is not False:

@@ -154,16 +154,20 @@ class RuleScratch:
             self.count = torch.zeros(rows, dtype=torch.int32, device=dev)  # splits done per row (0 between steps)
 
     @classmethod
-    def for_layers(cls, layers, *, side: int, group: int = 0, config: RuleConfig | None = None) -> list:
-        """One scratch per device, sized to the largest capacity there; returned per layer."""
+    def for_layers(
+        cls, layers, *, side: int, group: int = 0, config: RuleConfig | None = None, copies: int = 1
+    ) -> list:
+        """`copies` scratches per device, sized to the largest capacity there; returned per layer, layer i taking
+        copy `i % copies` (H2O's update on a side stream, vlcache/engine/side_stream.py: 2)."""
         made = {}
         for layer in layers:
             keys = layer.keys
             if keys.device not in made:
                 cap = max(other.capacity for other in layers if other.keys.device == keys.device)
                 b, h = keys.shape[:2]
-                made[keys.device] = cls(keys, cap, num_splits(b * h, cap, keys.device, config), side, group)
-        return [made[layer.keys.device] for layer in layers]
+                splits = num_splits(b * h, cap, keys.device, config)
+                made[keys.device] = [cls(keys, cap, splits, side, group) for _ in range(copies)]
+        return [made[layer.keys.device][i % copies] for i, layer in enumerate(layers)]
 
     def check(self, keys: torch.Tensor, splits: int, group: int = 0) -> None:
         b, h, cap, _ = keys.shape

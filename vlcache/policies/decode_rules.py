@@ -22,9 +22,12 @@ below stays the fallback and the reference.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from vlcache.cache import CompressedCache, CompressedLayer
+from vlcache.engine.side_stream import SideUpdates
 from vlcache.kernels import rule_ops
 from vlcache.kernels.launch import on_device, sm_count
 from vlcache.policies.parts import DECODE_RULES, DecodeRule, register
@@ -123,16 +126,26 @@ class H2O(DecodeRule):
         live = torch.arange(cap, device=s.device) < layer.length[..., None]
         self.scores[layer_idx] = torch.where(live, s, 0.0)  # freed slots restart at 0 for the next token
 
-    def prepare_static(self, cache: CompressedCache) -> None:
+    overlap = True  # the fast path asks for the update on a side stream (`prepare_static(overlap=True)`)
+    side: SideUpdates | None = None
+
+    def prepare_static(self, cache: CompressedCache, overlap: bool = False) -> None:
         """Graph-safe form, step 1: scores padded to the reserved capacity once (new slots start at 0, as the
         growth in `on_token` does), and per-layer copies of the keep counts and windows on each layer's
-        device (no copies inside the captured step)."""
+        device (no copies inside the captured step). `overlap`: where the Triton form runs on one GPU, each
+        layer's update runs on a side stream beside the step's next layers (vlcache/engine/side_stream.py), and
+        `on_step_static` joins them; the caller must call it at the end of every step."""
         if not self.active:
             return
         self.static_keep, self.static_recent, self.static_window = [], [], []
         self.static_scratch = None  # the Triton form's buffers, made at the first update (the group is known there)
         self.logits_from = None  # the layer whose attention wrote the logits (`attention_logits`)
         self._layers = cache.layers
+        keys = cache.layers[0].keys
+        one_gpu = keys.is_cuda and all(layer.keys.device == keys.device for layer in cache.layers)
+        self.side = None
+        if overlap and one_gpu and rule_ops.supported(keys):
+            self.side = SideUpdates(keys.device, len(cache.layers), copies=2)
         for layer_idx, layer in enumerate(cache.layers):
             s = self.scores[layer_idx]
             b, h, k = s.shape
@@ -155,6 +168,8 @@ class H2O(DecodeRule):
             return None
         scratch = self._scratch(num_heads // layer.keys.shape[1], layer_idx)
         self.logits_from = layer_idx
+        if self.side is not None:  # the buffers' previous reader, on the side stream, is done first
+            self.side.before(layer_idx)
         return scratch.logits, scratch.lse
 
     def _static_layer(self, layer_idx: int):
@@ -167,8 +182,15 @@ class H2O(DecodeRule):
         if self.static_scratch is None:  # the fast path's first step runs eagerly, before the capture
             # side 0: H2O moves one entry and never shifts, so its launches read no side buffers (only the logits
             # and the partials)
-            self.static_scratch = rule_ops.RuleScratch.for_layers(self._layers, side=0, group=group)
+            self.static_scratch = rule_ops.RuleScratch.for_layers(
+                self._layers, side=0, group=group, copies=1 if self.side is None else self.side.copies
+            )
         return self.static_scratch[layer_idx]
+
+    def on_step_static(self, cache: CompressedCache) -> None:
+        """The end of a decode step: the current stream waits for the updates forked onto the side stream."""
+        if self.active and self.side is not None:
+            self.side.join()
 
     def on_token_static(self, layer_idx: int, query: torch.Tensor, cache: CompressedCache) -> None:
         """Graph-safe `on_token` (H2O, Zhang et al. 2023, Algorithm 1): the same running scores and victim,
@@ -190,20 +212,22 @@ class H2O(DecodeRule):
         if rule_ops.supported(layer.keys):  # the same update in one to three launches, the entries unordered
             scratch = self._scratch(query.shape[1] // layer.keys.shape[1], layer_idx)
             given, self.logits_from = self.logits_from == layer_idx, None
-            rule_ops.h2o_step_(
-                query,
-                layer.keys,
-                layer.values,
-                layer.positions,
-                layer.length,
-                s,
-                self.static_keep[layer_idx],
-                self.static_recent[layer_idx],
-                self.static_window[layer_idx],
-                first,
-                scratch,
-                from_attention=given,
-            )
+            side = self.side.fork(layer_idx, query) if self.side is not None else contextlib.nullcontext()
+            with side:
+                rule_ops.h2o_step_(
+                    query,
+                    layer.keys,
+                    layer.values,
+                    layer.positions,
+                    layer.length,
+                    s,
+                    self.static_keep[layer_idx],
+                    self.static_recent[layer_idx],
+                    self.static_window[layer_idx],
+                    first,
+                    scratch,
+                    from_attention=given,
+                )
             return
         s.add_(decode_row_scores(query, layer.keys, layer.length))
         n = layer.length[..., None]
