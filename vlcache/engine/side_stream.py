@@ -6,7 +6,7 @@ layer i's output projection: forked after layer i's attention onto a side stream
 projections (bandwidth-bound kernels with free thread slots on every multiprocessor), and the step joins it
 at its end. The fork and join are events, so a CUDA graph captures them as edges (the standard multi-stream
 capture: the side stream waits on the capturing stream, and the capturing stream waits on it before the capture
-ends).
+ends; `torch.cuda.Stream.wait_stream` records and waits on an event).
 
 The attention writes its logits into one of `copies` scratch buffers (layer i into `i % copies`), so layer i's
 attention waits (`before`) for the update of layer `i - copies`, the last reader of its buffer.
@@ -30,8 +30,7 @@ class SideUpdates:
             raise ValueError(f"copies must be at least 1; got {copies}")
         self.stream = torch.cuda.Stream(device)
         self.copies = copies
-        self.forked = [torch.cuda.Event() for _ in range(layers)]
-        self.done = [torch.cuda.Event() for _ in range(layers)]
+        self.done = [torch.cuda.Event() for _ in range(layers)]  # for `before`: layer j's update has run
         self.pending = -1  # the last layer forked this step (-1: none)
 
     def before(self, layer_idx: int) -> None:
@@ -44,9 +43,7 @@ class SideUpdates:
     def fork(self, layer_idx: int, *inputs: torch.Tensor) -> Iterator[None]:
         """Runs the body on the side stream after everything queued so far on the current stream; `inputs`,
         made on the current stream, stay allocated until the side stream is done with them."""
-        main = torch.cuda.current_stream(self.stream.device)
-        self.forked[layer_idx].record(main)
-        self.stream.wait_event(self.forked[layer_idx])
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         for t in inputs:
             t.record_stream(self.stream)
         with torch.cuda.stream(self.stream):
@@ -55,8 +52,7 @@ class SideUpdates:
         self.pending = layer_idx
 
     def join(self) -> None:
-        """The current stream waits for every forked update (the side stream runs them in order: the last one's
-        event covers all)."""
+        """The current stream waits for every update forked this step."""
         if self.pending >= 0:
-            torch.cuda.current_stream(self.stream.device).wait_event(self.done[self.pending])
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
         self.pending = -1
