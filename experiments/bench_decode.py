@@ -133,6 +133,15 @@ def real_size_adapter(points, new_tokens: int, device: torch.device) -> tuple[Mi
     return cfg, TextAdapter(build_model(cfg, device), device)
 
 
+def prefill_attention_used(device: torch.device) -> str:
+    """What the framework's prefill attention runs here at the benchmark's shapes (`prefill_attention=auto`):
+    FlashAttention-4 where installed and able (vlcache/engine/prefill_attention.py), else SDPA."""
+    from vlcache.engine.prefill_attention import fa4_unusable
+
+    probe = torch.empty(1, 1, 2, 128, device=device, dtype=torch.bfloat16)
+    return "sdpa" if fa4_unusable(probe, probe, None) else "fa4"
+
+
 def measure_copy_bw(device: torch.device) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of 20 after warm-up."""
     n = (1 << 29) if device.type == "cuda" else (1 << 24)
@@ -548,7 +557,9 @@ def main() -> None:
         new_tokens=n_new,
         torch=torch.__version__,
         transformers=transformers.__version__,
+        prefill_attention=prefill_attention_used(device),
     )
+    print(f"the framework's prefill attention: {meta['prefill_attention']}", flush=True)
 
     def floor_ms(kv_bytes: int, batch: int) -> float:
         live = kv_bytes + batch * entry * n_new / 2  # the prompt's kept entries + half the generated ones

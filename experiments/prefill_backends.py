@@ -8,6 +8,9 @@ one (left padding at batch > 1). One layer's call, CUDA events, warm-up then the
 checked against the flash backend's. Prints one table and writes JSON (`--out`, default
 `$OUT/prefill_backends.json`).
 
+With `flash-attn-4` installed (FlashAttention-4's CuTe-DSL kernels; its Hopper forward is FlashAttention-3's
+design) it also times that, causal with grouped keys.
+
 Usage: python experiments/prefill_backends.py [--points 1x32768,4x32768,1x131072,64x2048] [--repeats 5]
 """
 
@@ -31,6 +34,15 @@ BACKENDS = {
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "default": None,
 }
+
+
+def fa4_func():
+    """FlashAttention-4's CuTe-DSL forward (`flash-attn-4`, Hopper and Blackwell), or None where not installed."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -99,6 +111,27 @@ def main() -> None:
                         print(f"{point:>10} {name:>10} {gqa:>9} {str(masked):>5}  unsupported: {row['error'][:80]}")
                     rows.append(row)
                     torch.cuda.empty_cache()
+        fa4 = fa4_func()
+        if fa4 is not None:  # [B, S, H, D] views of the same tensors; grouped keys, causal, no mask
+            row = dict(point=point, batch=b, prompt=m, backend="fa4", gqa="grouped", mask=False)
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+            def call_fa4(fa4=fa4, qt=qt, kt=kt, vt=vt):
+                out = fa4(qt, kt, vt, causal=True)
+                return out[0] if isinstance(out, tuple) else out
+
+            try:
+                out = call_fa4().transpose(1, 2)
+                ms = time_ms(call_fa4, args.repeats)
+                err = (out.float() - ref[False]).abs().max().item()
+                row.update(ms=ms, tflops=flops / ms / 1e9, max_err=err)
+                print(f"{point:>10} {'fa4':>10} {'grouped':>9} {'False':>5} {ms:9.2f} {flops / ms / 1e9:8.0f} "
+                      f"{err:8.4f}")  # fmt: skip
+                del out
+            except Exception as e:  # noqa: BLE001  (reported, as an unsupported backend above)
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                print(f"{point:>10} {'fa4':>10}  failed: {row['error'][:120]}")
+            rows.append(row)
         del q, k, v
         torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__,

@@ -1,10 +1,11 @@
 """The framework's attention function, registered in transformers' `AttentionInterface` as "vlcache".
 
 It is wired into the language model only (`use_vlcache_attention`), so the vision tower keeps its own. During
-prefill it runs SDPA over the dense prompt and hands each layer's post-RoPE queries and keys to the policy's
-observer (the only moment queries exist); during decoding it attends over the compressed cache's valid
-entries. Masks come from the engine's `ForwardContext`, not from transformers' mask builders: no mask
-function is registered for "vlcache", so transformers passes `attention_mask=None` and builds nothing.
+prefill it runs SDPA (or FlashAttention-4: prefill_attention.py) over the dense prompt and hands each layer's
+post-RoPE queries and keys to the policy's observer (the only moment queries exist); during decoding it attends
+over the compressed cache's valid entries. Masks come from the engine's `ForwardContext`, not from transformers'
+mask builders: no mask function is registered for "vlcache", so transformers passes `attention_mask=None` and
+builds nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vlcache.cache import CompressedCache
+from vlcache.engine.prefill_attention import prefill_attention
 
 ATTN_NAME = "vlcache"
 
@@ -33,6 +35,7 @@ DecodeObserver = Callable[[int, torch.Tensor], None]
 class ForwardContext:
     cache: CompressedCache
     prefill_mask: torch.Tensor | None = None  # [B, 1, m, m] bool, causal and padding; None: causal, no padding
+    prefill_backend: str = "auto"  # the prefill's attention kernel: auto | sdpa | fa4 (prefill_attention.py)
     on_prefill: PrefillObserver | None = None
     on_decode: DecodeObserver | None = None
     # the fused step only: (layer, query heads) -> buffers its attention writes the logits into, for on_decode
@@ -92,20 +95,18 @@ def vlcache_attention(
         mask = ctx.prefill_mask
         if mask is not None and mask.device != query.device:  # a model split with device_map: this layer's GPU
             mask = mask.to(query.device)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-        )
+        out = prefill_attention(query, key, value, mask, scale, ctx.prefill_backend)  # [B, m, Hq, D]
         if ctx.on_prefill is not None:
             ctx.on_prefill(layer_idx, query, key)
-    else:
-        if ctx.fast_decode:  # Triton on CUDA (no mask built, valid entries only), PyTorch fallback on the CPU
-            from vlcache.kernels.decode_attention import decode_attention as ragged_decode_attention
+        return out, None
+    if ctx.fast_decode:  # Triton on CUDA (no mask built, valid entries only), PyTorch fallback on the CPU
+        from vlcache.kernels.decode_attention import decode_attention as ragged_decode_attention
 
-            out = ragged_decode_attention(query, key, value, cache_layer.length, scale)
-        else:
-            out = decode_attention(query, key, value, cache_layer.valid_mask(), scale)
-        if ctx.on_decode is not None:
-            ctx.on_decode(layer_idx, query)
+        out = ragged_decode_attention(query, key, value, cache_layer.length, scale)
+    else:
+        out = decode_attention(query, key, value, cache_layer.valid_mask(), scale)
+    if ctx.on_decode is not None:
+        ctx.on_decode(layer_idx, query)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlcache import results
+from vlcache.engine.prefill_attention import check_backend
 from vlcache.eval.tasks import check_dataset, sample_subset, task_manager
 from vlcache.models.load import check_model, load_model, resolve_device
 from vlcache.policies.policy import build_policy
@@ -48,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(
             f"engine=fast needs a CUDA device (device={cfg.device!r} resolves to {device}); use engine=simple"
         )
+    check_backend(cfg.get("prefill_attention", "auto"))
     build_policy(OmegaConf.to_container(cfg.policy, resolve=True), float(budget))
     check_model(OmegaConf.to_container(cfg.model, resolve=True))
     check_dataset(OmegaConf.to_container(cfg.dataset, resolve=True))
@@ -141,6 +143,7 @@ def evaluate(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     adapter = load_model(OmegaConf.to_container(cfg.model, resolve=True), device, cfg.seed)
+    adapter.prefill_attention = cfg.get("prefill_attention", "auto")  # the adapter is shared by a sweep's jobs
     policy = build_policy(OmegaConf.to_container(cfg.policy, resolve=True), float(cfg.budget))
     full = None
     if cfg.get("reference_metrics"):  # Elastic Cache's protocol: the full cache's answer is the reference

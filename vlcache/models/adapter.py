@@ -38,11 +38,15 @@ class VLMAdapter:
     (vlcache/engine/fused_prefill.py: the same function with transformers' elementwise passes fused). None (the
     default): on CUDA with autograd off, where the model supports it (`prefill_unsupported_reason`); True:
     wherever supported, the CPU included (PyTorch forms there; tests), and an error where not; False: never, the
-    model's own forward. Set it on an instance or a subclass to switch it off (or on)."""
+    model's own forward. Set it on an instance or a subclass to switch it off (or on).
+
+    `prefill_attention`: the prefill's attention kernel, ``auto`` (FlashAttention-4 where installed and able,
+    else SDPA), ``sdpa`` or ``fa4`` (vlcache/engine/prefill_attention.py; the job config's `prefill_attention`)."""
 
     family = ""
     model_class = ""  # the transformers class that loads this family (`load.py`)
     fused_prefill: bool | None = None
+    prefill_attention: str = "auto"
 
     def __init__(self, model, processor, device: str | torch.device | None = None) -> None:
         self.model, self.processor = model, processor
