@@ -60,6 +60,13 @@ def test_backend_names_and_reasons_are_checked(monkeypatch):
     assert "not installed" in pa.fa4_unusable(q, k, None) and "vlcache[fa4]" in pa.fa4_unusable(q, k, None)
     with pytest.raises(RuntimeError, match="prefill_attention=fa4 cannot run this call: flash-attn-4 is not installed"):
         pa.prefill_attention(q, k, v, None, 1.0, "fa4")
+    broken = "flash-attn-4 failed to import: RuntimeError: No CTK flavor installed"
+    monkeypatch.setattr(pa, "_fa4_import", lambda: (None, broken))  # a broken install: auto takes SDPA, fa4 says why
+    assert pa.fa4_unusable(q, k, None) == broken
+    out = pa.prefill_attention(q, k, v, None, 1.0, "auto")
+    torch.testing.assert_close(out.double(), reference(q, k, v, None, 1.0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="No CTK flavor installed"):
+        pa.prefill_attention(q, k, v, None, 1.0, "fa4")
     monkeypatch.setattr(pa, "_fa4", lambda: fake_fa4([]))
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
     assert "padding mask" in pa.fa4_unusable(q, k, mask)

@@ -31,18 +31,24 @@ def check_backend(backend: str) -> None:
 
 
 @lru_cache(maxsize=1)
-def _fa4():
+def _fa4_import() -> tuple[object | None, str | None]:
     try:
         from flash_attn.cute import flash_attn_func
     except ImportError:
-        return None
-    return flash_attn_func
+        return None, f"flash-attn-4 is not installed ({FA4_INSTALL})"
+    except Exception as e:  # noqa: BLE001  (a broken install, e.g. no CUDA flavour of its compiler: SDPA under auto)
+        return None, f"flash-attn-4 failed to import: {type(e).__name__}: {e}"
+    return flash_attn_func, None
+
+
+def _fa4():
+    return _fa4_import()[0]
 
 
 def fa4_unusable(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> str | None:
     """Why FlashAttention-4 cannot run this prefill call (`[B, H, L, D]` queries and keys), or None."""
     if _fa4() is None:
-        return f"flash-attn-4 is not installed ({FA4_INSTALL})"
+        return _fa4_import()[1] or f"flash-attn-4 is not installed ({FA4_INSTALL})"
     if mask is not None:
         return "a padding mask (FlashAttention-4 takes causal attention without one)"
     if query.device.type != "cuda":
