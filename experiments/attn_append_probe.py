@@ -23,10 +23,9 @@ import os
 
 import torch
 
-from experiments.bench_decode import graph_ms, measure_copy_bw, parse_points
+from experiments.bench_decode import measure_copy_bw, parse_points
+from experiments.decode_kernel_sweep import HKV, HQ, LAYERS, D, time_rounds
 from vlcache.kernels.decode_attention import decode_attention, rope_append_attention
-
-LAYERS, HKV, HQ, D = 32, 8, 32, 128
 
 
 def forms(batch: int, n: int, device: torch.device, jitter: float, gen: torch.Generator) -> dict:
@@ -74,11 +73,7 @@ def main() -> None:
     for batch, prompt in parse_points(args.points):
         n = max(1, round(args.budget * prompt))
         fs = forms(batch, n, device, 0.25, gen)
-        times: dict[str, list[float]] = {name: [] for name in fs}
-        for _ in range(args.rounds):
-            for name, fn in fs.items():
-                times[name].append(graph_ms(fn) * 1e3 / LAYERS)
-        med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        med, times = time_rounds(fs, args.rounds)
         floor_us = batch * HKV * (n + 1) * D * 2 * 2 / bw * 1e6
         rows.append(dict(point=f"{batch}x{prompt}", budget=args.budget, floor_us=floor_us, us_per_layer=med,
                          all=times))  # fmt: skip

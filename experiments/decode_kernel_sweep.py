@@ -59,6 +59,16 @@ Check = Callable[[str, object], None]
 """Raises where a form's result (`check(name, step())`) is wrong."""
 
 
+def time_rounds(forms: dict[str, Step], rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each form's µs per layer (`graph_ms` of its 32-layer step over `LAYERS`), `rounds` rounds timing every form
+    in turn so that drift between forms cancels: (the medians, every round's)."""
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for _ in range(rounds):
+        for name, step in forms.items():
+            times[name].append(graph_ms(step) * 1e3 / LAYERS)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, times
+
+
 def sweep_forms(
     points: Sequence[str],
     budgets: Sequence[float],
@@ -83,11 +93,7 @@ def sweep_forms(
             if check is not None:
                 for name, step in forms.items():
                     check(name, step())
-            times: dict[str, list[float]] = {name: [] for name in forms}
-            for _ in range(rounds):
-                for name, step in forms.items():
-                    times[name].append(graph_ms(step) * 1e3 / LAYERS)
-            med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            med, times = time_rounds(forms, rounds)
             rows.append(dict(point=point, budget=budget, us_per_layer=med, all=times))
             print(f"{point} budget {budget}: " + "  ".join(f"{k} {v:6.2f}" for k, v in med.items()) + " us/layer",
                   flush=True)  # fmt: skip

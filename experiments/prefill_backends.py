@@ -11,7 +11,7 @@ checked against the flash backend's. Prints one table and writes JSON (`--out`, 
 With `flash-attn-4` installed (FlashAttention-4's CuTe-DSL kernels; its Hopper forward is FlashAttention-3's
 design) it also times that, causal with grouped keys.
 
-Usage: python experiments/prefill_backends.py [--points 1x32768,4x32768,1x131072,64x2048] [--repeats 5]
+Usage: PYTHONPATH=. python experiments/prefill_backends.py [--points 1x32768,4x32768,1x131072,64x2048] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from vlcache.engine.prefill_attention import load_fa4
+
 HQ, HKV, D = 32, 8, 128
 BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
@@ -34,15 +36,6 @@ BACKENDS = {
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "default": None,
 }
-
-
-def fa4_func():
-    """FlashAttention-4's CuTe-DSL forward (`flash-attn-4`, Hopper and Blackwell), or None where not installed."""
-    try:
-        from flash_attn.cute import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -111,7 +104,7 @@ def main() -> None:
                         print(f"{point:>10} {name:>10} {gqa:>9} {str(masked):>5}  unsupported: {row['error'][:80]}")
                     rows.append(row)
                     torch.cuda.empty_cache()
-        fa4 = fa4_func()
+        fa4 = load_fa4()[0]
         if fa4 is not None:  # [B, S, H, D] views of the same tensors; grouped keys, causal, no mask
             row = dict(point=point, batch=b, prompt=m, backend="fa4", gqa="grouped", mask=False)
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))

@@ -1,6 +1,9 @@
 """The prefill's attention backends (vlcache/engine/prefill_attention.py): SDPA and FlashAttention-4 against a float64
 reference, the choice between them, and the route from the adapter's setting to the kernel."""
 
+import sys
+from functools import lru_cache
+
 import pytest
 import torch
 
@@ -56,18 +59,20 @@ def test_backend_names_and_reasons_are_checked(monkeypatch):
     q, k, v = inputs(1, 8, 2, 1, 8)
     with pytest.raises(ValueError, match="unknown prefill_attention 'flash'; valid: auto, sdpa, fa4"):
         pa.prefill_attention(q, k, v, None, 1.0, "flash")
-    monkeypatch.setattr(pa, "_fa4", lambda: None)
+    # not installed: the import itself fails (a fresh cache of load_fa4, dropped after the test)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)
+    monkeypatch.setattr(pa, "load_fa4", lru_cache(maxsize=1)(pa.load_fa4.__wrapped__))
     assert "not installed" in pa.fa4_unusable(q, k, None) and "vlcache[fa4]" in pa.fa4_unusable(q, k, None)
     with pytest.raises(RuntimeError, match="prefill_attention=fa4 cannot run this call: flash-attn-4 is not installed"):
         pa.prefill_attention(q, k, v, None, 1.0, "fa4")
     broken = "flash-attn-4 failed to import: RuntimeError: No CTK flavor installed"
-    monkeypatch.setattr(pa, "_fa4_import", lambda: (None, broken))  # a broken install: auto takes SDPA, fa4 says why
+    monkeypatch.setattr(pa, "load_fa4", lambda: (None, broken))  # a broken install: auto takes SDPA, fa4 says why
     assert pa.fa4_unusable(q, k, None) == broken
     out = pa.prefill_attention(q, k, v, None, 1.0, "auto")
     torch.testing.assert_close(out.double(), reference(q, k, v, None, 1.0), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="No CTK flavor installed"):
         pa.prefill_attention(q, k, v, None, 1.0, "fa4")
-    monkeypatch.setattr(pa, "_fa4", lambda: fake_fa4([]))
+    monkeypatch.setattr(pa, "load_fa4", lambda: (fake_fa4([]), None))
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
     assert "padding mask" in pa.fa4_unusable(q, k, mask)
     assert "device cpu" in pa.fa4_unusable(q, k, None)
@@ -81,7 +86,7 @@ def test_fa4_route_from_the_adapter_to_the_kernel(tiny_adapter, monkeypatch):
     from vlcache.policies.policy import build_policy
 
     calls = []
-    monkeypatch.setattr(pa, "_fa4", lambda: fake_fa4(calls))
+    monkeypatch.setattr(pa, "load_fa4", lambda: (fake_fa4(calls), None))
     monkeypatch.setattr(pa, "fa4_unusable", lambda q, k, mask: None if mask is None else "a padding mask")
     one = tiny_adapter.build_inputs(["How many shapes are there?"], [random_images(1)])
     policy = build_policy(preset("snapkv"), 0.5)
@@ -99,7 +104,7 @@ def test_fa4_route_from_the_adapter_to_the_kernel(tiny_adapter, monkeypatch):
 
 def test_auto_takes_sdpa_where_fa4_cannot_run(tiny_adapter, batch_inputs, monkeypatch):
     calls = []
-    monkeypatch.setattr(pa, "_fa4", lambda: fake_fa4(calls))
+    monkeypatch.setattr(pa, "load_fa4", lambda: (fake_fa4(calls), None))
     from conftest import preset
 
     from vlcache.engine.generate import generate
@@ -125,7 +130,7 @@ def test_job_config_checks_the_backend():
 
 
 def _fa4_runs() -> bool:
-    if not torch.cuda.is_available() or pa._fa4() is None:
+    if not torch.cuda.is_available() or pa.load_fa4()[0] is None:
         return False
     return torch.cuda.get_device_capability()[0] in (9, 10)
 

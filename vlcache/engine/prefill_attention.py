@@ -16,6 +16,7 @@ Both compute softmax(q kᵀ · scale + causal mask) v with float32 accumulation;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -31,7 +32,8 @@ def check_backend(backend: str) -> None:
 
 
 @lru_cache(maxsize=1)
-def _fa4_import() -> tuple[object | None, str | None]:
+def load_fa4() -> tuple[Callable | None, str | None]:
+    """FlashAttention-4's `flash_attn_func`, or None and why not (not installed, or failing to import)."""
     try:
         from flash_attn.cute import flash_attn_func
     except ImportError:
@@ -41,14 +43,11 @@ def _fa4_import() -> tuple[object | None, str | None]:
     return flash_attn_func, None
 
 
-def _fa4():
-    return _fa4_import()[0]
-
-
 def fa4_unusable(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> str | None:
     """Why FlashAttention-4 cannot run this prefill call (`[B, H, L, D]` queries and keys), or None."""
-    if _fa4() is None:
-        return _fa4_import()[1] or f"flash-attn-4 is not installed ({FA4_INSTALL})"
+    fa4, why = load_fa4()
+    if fa4 is None:
+        return why
     if mask is not None:
         return "a padding mask (FlashAttention-4 takes causal attention without one)"
     if query.device.type != "cuda":
@@ -83,7 +82,7 @@ def prefill_attention(
         reason = fa4_unusable(query, key, mask)
         if reason is None:
             q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, L, H, D] views
-            out = _fa4()(q, k, v, softmax_scale=scale, causal=True)
+            out = load_fa4()[0](q, k, v, softmax_scale=scale, causal=True)
             return (out[0] if isinstance(out, tuple) else out).contiguous()
         if backend == "fa4":
             raise RuntimeError(f"prefill_attention=fa4 cannot run this call: {reason}; use auto or sdpa")
