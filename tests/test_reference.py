@@ -36,7 +36,10 @@ def test_full_cache_nll_equals_one_forward_over_prompt_and_reference(tiny_adapte
     inputs = tiny_adapter.build_inputs(QUESTIONS, [[im] for im in images])  # left-padded, lengths differ
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     vocab = tiny_adapter.model.get_input_embeddings().weight.shape[0]
-    references = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (5, 1, 9)]  # ragged lengths
+    # answer tokens: any id but the special ones (0-2) and the image placeholder, which in a forward over the
+    # answer would ask the model for one more image
+    ids = torch.tensor([t for t in range(3, vocab) if t != tiny_adapter.image_token_id])
+    references = [ids[torch.randint(len(ids), (n,), generator=gen)].tolist() for n in (5, 1, 9)]  # ragged lengths
     got = reference_nll(tiny_adapter, build_policy(preset("full"), 1.0), inputs, references)
     for (nll, count), q, im, ref in zip(got, QUESTIONS, images, references):
         assert count == len(ref)
