@@ -64,7 +64,7 @@ def prefill_and_compress(adapter, policy: Policy, inputs: dict[str, torch.Tensor
     # no padding: SDPA's own causal mode (flash kernels, no m x m mask; a dense mask with GQA falls back to the
     # math kernel, whose m x m scores do not fit at 32K)
     mask = None if bool(info.key_valid.all()) else prefill_mask(info.key_valid)
-    ctx = ForwardContext(cache=cache, prefill_mask=mask, prefill_backend=getattr(adapter, "prefill_attention", "auto"))
+    ctx = ForwardContext(cache=cache, prefill_mask=mask, prefill_backend=adapter.prefill_attention)
     reset_peak(device)
 
     t0 = now_ms(device)
